@@ -1,0 +1,68 @@
+"""choreo: choreography-based, event-sourced sagas for Python services."""
+
+from __future__ import annotations
+
+from choreo.aggregates import Aggregate, event
+from choreo.clock import Clock, ManualClock, SystemClock, use_clock
+from choreo.context import Context
+from choreo.errors import (
+    AggregateNotFound,
+    ChoreoError,
+    ConcurrencyConflict,
+    EventError,
+    EventValidationError,
+    StepFailed,
+    StoreCorrupt,
+    StoreError,
+    StoreLocked,
+    StoreURLError,
+    UnknownEventType,
+    WiringError,
+)
+from choreo.events import Envelope, Event, Outcome, StepSkipped
+from choreo.processor import Processor, RetryPolicy
+from choreo.runner import Runner, run_service
+from choreo.saga import SagaDefinition
+from choreo.service import Service
+from choreo.store import DeadLetter, EventStore, InMemoryStore, ServiceStore, open_store
+from choreo.system import System
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregate",
+    "AggregateNotFound",
+    "ChoreoError",
+    "Clock",
+    "ConcurrencyConflict",
+    "Context",
+    "DeadLetter",
+    "Envelope",
+    "Event",
+    "EventError",
+    "EventStore",
+    "EventValidationError",
+    "InMemoryStore",
+    "ManualClock",
+    "Outcome",
+    "Processor",
+    "RetryPolicy",
+    "Runner",
+    "SagaDefinition",
+    "Service",
+    "ServiceStore",
+    "StepFailed",
+    "StepSkipped",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreLocked",
+    "StoreURLError",
+    "System",
+    "SystemClock",
+    "UnknownEventType",
+    "WiringError",
+    "event",
+    "open_store",
+    "run_service",
+    "use_clock",
+]

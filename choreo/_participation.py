@@ -1,0 +1,64 @@
+"""A service's own event-sourced record of its part in one saga (guarantee 3)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from choreo.aggregates import Aggregate, aggregate_id, event
+
+
+class Participation(Aggregate):
+    """What one service did in one saga: steps completed, compensated, skipped; failure seen."""
+
+    @event("Joined")
+    def __init__(self, service: str, saga_id: str) -> None:
+        self.service = service
+        self.saga_id = saga_id
+        self.completed: dict[str, dict[str, object]] = {}
+        self.compensated: list[str] = []
+        self.skipped: list[str] = []
+        self.failed_steps: list[str] = []
+        self.failure_event_id: str | None = None
+
+    @property
+    def saga_failed(self) -> bool:
+        """Whether this service has seen a failure of the saga."""
+        return self.failure_event_id is not None
+
+    def has_handled(self, step: str) -> bool:
+        """Whether the step was already completed, failed or skipped here."""
+        return step in self.completed or step in self.failed_steps or step in self.skipped
+
+    @event("StepCompleted")
+    def step_completed(self, step: str, event_id: str, event_type: str, version: int, payload: str) -> None:
+        self.completed[step] = {
+            "event_id": event_id,
+            "type": event_type,
+            "version": version,
+            "payload": payload,
+        }
+
+    @event("StepFailed")
+    def step_failed(self, step: str) -> None:
+        self.failed_steps.append(step)
+
+    @event("FailureSeen")
+    def failure_seen(self, event_id: str) -> None:
+        self.failure_event_id = event_id
+
+    @event("StepCompensated")
+    def step_compensated(self, step: str) -> None:
+        self.compensated.append(step)
+
+    @event("StepSkipped")
+    def step_skipped(self, step: str) -> None:
+        self.skipped.append(step)
+
+    def to_compensate(self) -> list[str]:
+        """Completed steps not compensated yet, most recent first."""
+        return [s for s in reversed(self.completed) if s not in self.compensated]
+
+
+def participation_id(service: str, saga_id: str) -> UUID:
+    """Return the id of `service`'s participation record for `saga_id`."""
+    return aggregate_id(Participation, f"{service}/{saga_id}")

@@ -1,0 +1,116 @@
+"""The changes of one batch: aggregates touched and events emitted, committed together."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.persistence import Mapper, StoredEvent
+
+from choreo import clock
+from choreo.aggregates import Aggregate
+from choreo.events import Envelope, Event, encode_payload
+from choreo.store import ServiceStore
+
+_EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://choreo.dev/event")
+
+
+class AggregateCache:
+    """Committed aggregates kept between batches (bounded, least recently used first out)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[UUID, Aggregate] = OrderedDict()
+
+    def get(self, key: UUID) -> Aggregate | None:
+        agg = self._items.get(key)
+        if agg is not None:
+            self._items.move_to_end(key)
+        return agg
+
+    def put(self, agg: Aggregate) -> None:
+        self._items[agg.id] = agg
+        self._items.move_to_end(agg.id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def evict(self, keys: Sequence[UUID]) -> None:
+        for k in keys:
+            self._items.pop(k, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class UnitOfWork:
+    """Collects what handlers did in a batch; nothing is written until `ServiceStore.commit()`."""
+
+    def __init__(self, service_name: str, store: ServiceStore, mapper: Mapper[UUID], cache: AggregateCache) -> None:
+        self.service_name = service_name
+        self.store = store
+        self.mapper = mapper
+        self.cache = cache
+        self.aggregates: dict[UUID, Aggregate | None] = {}
+        self.emitted: list[Envelope] = []
+        self._emit_counts: dict[str, int] = {}
+
+    def get(self, agg_id: UUID) -> Aggregate | None:
+        if agg_id in self.aggregates:
+            return self.aggregates[agg_id]
+        agg = self.cache.get(agg_id)
+        if agg is None:
+            for stored in self.store.load(agg_id):
+                agg = self.mapper.to_domain_event(stored).mutate(agg)  # type: ignore[assignment]
+        self.aggregates[agg_id] = agg
+        return agg
+
+    def add(self, agg: Aggregate) -> None:
+        self.aggregates[agg.id] = agg
+
+    def emit(
+        self,
+        event: Event,
+        cause: Envelope,
+        *,
+        step: str | None = None,
+        outcome: str | None = None,
+    ) -> Envelope:
+        """Record an event emitted because of `cause`, with inherited saga and causation."""
+        n = self._emit_counts.get(cause.event_id, 0)
+        self._emit_counts[cause.event_id] = n + 1
+        env = Envelope(
+            event_id=str(uuid5(_EVENT_NAMESPACE, f"{cause.event_id}/{self.service_name}/{n}")),
+            type=event.event_type,
+            version=event.schema_version,
+            saga_id=cause.saga_id,
+            causation_id=cause.event_id,
+            service=self.service_name,
+            step=step,
+            outcome=outcome,
+            occurred_at=clock.now(),
+            payload=encode_payload(event),
+        )
+        self.emitted.append(env)
+        return env
+
+    def stored_events(self) -> list[StoredEvent]:
+        """Take the pending events of every aggregate touched, as stored events."""
+        stored = []
+        for agg in self.aggregates.values():
+            if agg is not None:
+                stored.extend(self.mapper.to_stored_event(e) for e in agg.collect_events())
+        return stored
+
+    def touched(self) -> list[UUID]:
+        return list(self.aggregates)
+
+    def keep(self) -> None:
+        """After a commit: keep the (now committed) aggregates in the cache."""
+        for agg in self.aggregates.values():
+            if agg is not None:
+                self.cache.put(agg)
+
+    def discard(self) -> None:
+        """After a failure: forget every aggregate this batch touched."""
+        self.cache.evict(self.touched())

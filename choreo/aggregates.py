@@ -1,0 +1,84 @@
+"""Event-sourced aggregates, built on `eventsourcing`'s `Aggregate`.
+
+choreo's `Aggregate` adds two things: its events take their timestamps from
+choreo's clock, and `Context.create(Cls, key, ...)` gives it an id derived from
+a business key, so `Context.load(Cls, key)` finds it again.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+
+from eventsourcing.domain import Aggregate as _ESAggregate
+from eventsourcing.domain import event
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    JSONTranscoder,
+    Mapper,
+    UUIDAsHex,
+)
+
+from choreo import clock
+
+if TYPE_CHECKING:
+    from choreo.store import ServiceStore
+
+A = TypeVar("A", bound="Aggregate")
+
+__all__ = ["Aggregate", "aggregate_id", "event", "load_aggregate", "new_mapper"]
+
+_NAMESPACE = uuid5(NAMESPACE_URL, "https://choreo.dev/aggregate")
+_next_id: ContextVar[UUID | None] = ContextVar("choreo_next_aggregate_id", default=None)
+
+
+class Aggregate(_ESAggregate):
+    """Base class for a service's event-sourced aggregates (use `@event` on its methods)."""
+
+    @staticmethod
+    def create_id(*_: Any, **__: Any) -> UUID:
+        """Return the id chosen by `Context.create()`, or a random one."""
+        return _next_id.get() or uuid4()
+
+    class Event(_ESAggregate.Event):
+        """Base class of this aggregate's events; timestamps come from choreo's clock."""
+
+        @staticmethod
+        def create_timestamp() -> datetime:
+            """Return the current time from choreo's clock."""
+            return clock.now()
+
+
+def aggregate_id(cls: type, key: object) -> UUID:
+    """Return the id of the aggregate of class `cls` with the business key `key`."""
+    return uuid5(_NAMESPACE, f"{cls.__module__}.{cls.__qualname__}:{key}")
+
+
+def create_with_id(cls: type[Aggregate], agg_id: UUID, **kwargs: Any) -> Aggregate:
+    """Create an aggregate of `cls` whose id is `agg_id`."""
+    token = _next_id.set(agg_id)
+    try:
+        return cls(**kwargs)
+    finally:
+        _next_id.reset(token)
+
+
+def new_mapper() -> Mapper[UUID]:
+    """Return an `eventsourcing` mapper that stores aggregate events as JSON."""
+    transcoder = JSONTranscoder()
+    transcoder.register(UUIDAsHex())
+    transcoder.register(DecimalAsStr())
+    transcoder.register(DatetimeAsISO())
+    return Mapper(transcoder=transcoder)
+
+
+def load_aggregate(store: ServiceStore, cls: type[A], key: object) -> A | None:
+    """Rebuild a service's aggregate from its stored events (for audits and tests)."""
+    mapper = new_mapper()
+    agg = None
+    for stored in store.load(aggregate_id(cls, key)):
+        agg = mapper.to_domain_event(stored).mutate(agg)
+    return agg  # type: ignore[return-value]

@@ -1,0 +1,81 @@
+"""Every error choreo raises, rooted at one base class.
+
+    ChoreoError
+    ├── WiringError (ValueError)            a service or system is wired wrongly
+    ├── EventError (ValueError)             an event cannot be used as it is
+    │   ├── UnknownEventType (LookupError)  no event class has this type name
+    │   └── EventValidationError            the payload breaks the event's schema
+    ├── AggregateNotFound (LookupError)     ctx.load() of an aggregate that does not exist
+    ├── StoreError (OSError)                the event store cannot be used
+    │   ├── StoreURLError (ValueError)      the store URL is not one choreo understands
+    │   ├── StoreCorrupt                    the file is not a usable choreo database
+    │   └── StoreLocked (TimeoutError)      the database stayed locked past the timeout
+    └── ConcurrencyConflict                 another writer got there first; the batch is retried
+
+`StepFailed` is not an error of choreo: handlers raise it to say that a saga step
+failed for a business reason, which starts compensation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from choreo.events import Event
+
+
+class ChoreoError(Exception):
+    """Base class of every error raised by choreo."""
+
+
+class WiringError(ChoreoError, ValueError):
+    """A service, handler, step or system is wired wrongly (raised at import or startup)."""
+
+
+class EventError(ChoreoError, ValueError):
+    """An event cannot be encoded, decoded or validated."""
+
+
+class UnknownEventType(EventError, LookupError):
+    """No registered event class has the given type name (or schema version)."""
+
+
+class EventValidationError(EventError):
+    """An event's payload violates its schema; the message names the type and field."""
+
+    def __init__(self, event_type: str, field: str, message: str) -> None:
+        self.event_type = event_type
+        self.field = field
+        super().__init__(f"{event_type}.{field}: {message}")
+
+
+class AggregateNotFound(ChoreoError, LookupError):
+    """`Context.load()` found no aggregate of that class with that key."""
+
+
+class StoreError(ChoreoError, OSError):
+    """The event store cannot be opened or used."""
+
+
+class StoreURLError(StoreError, ValueError):
+    """The store URL is not one that choreo understands."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is not a SQLite database, or is damaged."""
+
+
+class StoreLocked(StoreError, TimeoutError):
+    """The database stayed locked by another writer for longer than the lock timeout."""
+
+
+class ConcurrencyConflict(ChoreoError):
+    """Another writer changed the same aggregate or tracking position first."""
+
+
+class StepFailed(Exception):
+    """Raised by a step handler to fail the step with a failure event, which starts compensation."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        super().__init__(f"step failed: {type(event).__name__}")

@@ -1,0 +1,143 @@
+"""Events, their registry, and the envelope that every stored event carries.
+
+An event is a frozen pydantic model. Its type name (the class name unless it
+sets `event_type`) and `schema_version` identify it in the log; the registry
+maps them back to the class when events are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from choreo.errors import EventValidationError, UnknownEventType, WiringError
+
+
+class Event(BaseModel):
+    """Base class of domain events: an immutable, past-tense fact with a pydantic schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_type: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "event_type" not in cls.__dict__:
+            cls.event_type = cls.__name__
+        _register(cls)
+
+
+class Outcome(StrEnum):
+    """What an event says about the saga step it belongs to."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+    SKIPPED = "skipped"
+
+
+_registry: dict[tuple[str, int], type[Event]] = {}
+
+
+def _register(cls: type[Event]) -> None:
+    key = (cls.event_type, cls.schema_version)
+    known = _registry.get(key)
+    if known is not None and _origin(known) != _origin(cls):
+        raise WiringError(
+            f"event type {cls.event_type!r} v{cls.schema_version} is defined twice: "
+            f"by {_origin(known)} and by {_origin(cls)}; set a distinct `event_type`"
+        )
+    _registry[key] = cls
+
+
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def event_class(event_type: str, version: int = 1) -> type[Event]:
+    """Return the registered event class for a type name and schema version."""
+    try:
+        return _registry[(event_type, version)]
+    except KeyError:
+        raise UnknownEventType(
+            f"unknown event type {event_type!r} (schema version {version})"
+        ) from None
+
+
+def is_event_class(obj: object) -> bool:
+    """Tell whether `obj` is a concrete event class."""
+    return isinstance(obj, type) and issubclass(obj, Event) and obj is not Event
+
+
+class StepSkipped(Event):
+    """Recorded by choreo when a step's trigger arrives after its saga has failed."""
+
+    event_type: ClassVar[str] = "choreo.StepSkipped"
+    step: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A stored event with its metadata: identity, correlation, causation, step and position."""
+
+    event_id: str
+    type: str
+    version: int
+    saga_id: str
+    causation_id: str | None
+    service: str
+    step: str | None
+    outcome: str | None
+    occurred_at: datetime
+    payload: str
+    position: int | None = None
+
+    def decode(self) -> Event:
+        """Return the event, validated against its schema."""
+        return decode_payload(self.type, self.version, self.payload)
+
+    def at(self, position: int) -> Envelope:
+        """Return this envelope with its log position set."""
+        return replace(self, position=position)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the envelope as a JSON-ready dict (the payload as an object)."""
+        return {
+            "event_id": self.event_id,
+            "type": self.type,
+            "version": self.version,
+            "saga_id": self.saga_id,
+            "causation_id": self.causation_id,
+            "service": self.service,
+            "step": self.step,
+            "outcome": self.outcome,
+            "occurred_at": self.occurred_at.isoformat(),
+            "position": self.position,
+            "payload": json.loads(self.payload),
+        }
+
+
+def encode_payload(event: Event) -> str:
+    """Return the event's JSON payload, checking that it is a registered event."""
+    if not isinstance(event, Event):
+        raise EventValidationError(type(event).__name__, "__root__", "is not a choreo Event")
+    return event.model_dump_json()
+
+
+def decode_payload(event_type: str, version: int, payload: str | bytes) -> Event:
+    """Validate a JSON payload against the registered schema and return the event."""
+    cls = event_class(event_type, version)
+    try:
+        return cls.model_validate_json(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "__root__"
+        raise EventValidationError(event_type, field, first["msg"]) from None

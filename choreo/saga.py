@@ -1,0 +1,32 @@
+"""Saga definitions: an optional, declarative description of a saga type (not an orchestrator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from choreo.errors import WiringError
+from choreo.events import Event, is_event_class
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    """A saga type: the event that starts it, its steps in order, and the events that end it."""
+
+    name: str
+    start: type[Event]
+    steps: tuple[str, ...]
+    end: tuple[type[Event], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for cls in (self.start, *self.end):
+            if not is_event_class(cls):
+                raise WiringError(f"saga {self.name!r}: {cls!r} is not an Event subclass")
+        if len(set(self.steps)) != len(self.steps):
+            raise WiringError(f"saga {self.name!r}: a step is listed twice in {self.steps}")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "end", tuple(self.end))
+
+    @property
+    def end_types(self) -> frozenset[str]:
+        """Type names of the events that end this saga."""
+        return frozenset(cls.event_type for cls in self.end)

@@ -1,0 +1,114 @@
+"""Services: named units that register handlers, saga steps and compensations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from choreo.errors import WiringError
+from choreo.events import Event, is_event_class
+from choreo.store import check_service_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Handler:
+    """One registered function: a plain handler, a saga step, or a compensation."""
+
+    kind: str  # "on" | "step" | "compensation"
+    fn: Callable[..., Any]
+    event_type: type[Event] | None
+    step: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The function's qualified name, for messages."""
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+
+class Service:
+    """A named service: its handlers, the saga steps it owns and their compensations."""
+
+    def __init__(self, name: str, *, starts: tuple[type[Event], ...] | list[type[Event]] = ()) -> None:
+        self.name = check_service_name(name)
+        self.handlers: dict[str, list[Handler]] = {}
+        self.steps: dict[str, Handler] = {}
+        self.compensations: dict[str, Handler] = {}
+        self.starts: tuple[type[Event], ...] = tuple(_event_class(self.name, e, "starts") for e in starts)
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r})"
+
+    def on(self, event_type: type[Event]) -> Callable[[F], F]:
+        """Register `fn(event, ctx)` to run on every `event_type`; it may return events to emit."""
+        cls = _event_class(self.name, event_type, "on")
+
+        def register(fn: F) -> F:
+            self._add(Handler("on", fn, cls))
+            return fn
+
+        return register
+
+    def step(self, name: str, *, on: type[Event]) -> Callable[[F], F]:
+        """Register the saga step `name`, run on `on`; it returns the step's completion event.
+
+        It raises `StepFailed(event)` to fail the step, which starts compensation.
+        """
+        cls = _event_class(self.name, on, f"step {name!r}")
+        if not isinstance(name, str) or not name:
+            raise WiringError(f"service {self.name!r}: a step needs a non-empty name")
+
+        def register(fn: F) -> F:
+            if name in self.steps:
+                raise WiringError(
+                    f"service {self.name!r}: step {name!r} is registered twice "
+                    f"({self.steps[name].name} and {fn.__module__}.{fn.__qualname__})"
+                )
+            handler = Handler("step", fn, cls, name)
+            self.steps[name] = handler
+            self._add(handler)
+            return fn
+
+        return register
+
+    def compensation(self, step: str) -> Callable[[F], F]:
+        """Register `fn(done_event, ctx)` that undoes step `step` of this service."""
+
+        def register(fn: F) -> F:
+            if step in self.compensations:
+                raise WiringError(
+                    f"service {self.name!r}: step {step!r} has two compensations "
+                    f"({self.compensations[step].name} and {fn.__module__}.{fn.__qualname__})"
+                )
+            self.compensations[step] = Handler("compensation", fn, None, step)
+            return fn
+
+        return register
+
+    def _add(self, handler: Handler) -> None:
+        assert handler.event_type is not None
+        self.handlers.setdefault(handler.event_type.event_type, []).append(handler)
+
+    def validate(self) -> None:
+        """Raise `WiringError` if a compensation names a step this service does not own."""
+        for step, handler in self.compensations.items():
+            if step not in self.steps:
+                raise WiringError(
+                    f"service {self.name!r}: compensation {handler.name} is for step {step!r}, "
+                    f"which {self.name!r} does not own (its steps: {sorted(self.steps) or 'none'})"
+                )
+
+    @property
+    def subscribed_types(self) -> frozenset[str]:
+        """Type names of the events this service handles."""
+        return frozenset(self.handlers)
+
+
+def _event_class(service: str, obj: object, where: str) -> type[Event]:
+    if not is_event_class(obj):
+        raise WiringError(
+            f"service {service!r}: {where} expects an Event subclass, got {obj!r}"
+        )
+    return obj  # type: ignore[return-value]

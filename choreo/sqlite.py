@@ -1,0 +1,352 @@
+"""The SQLite event store: one database file in WAL mode, shared by every service.
+
+This is the only module that speaks SQL. Tables:
+
+- `choreo_log`: the shared log of integration events; `position` is the global order.
+- `svc_<name>_events`: a service's aggregate events (the `eventsourcing` stored-event shape).
+- `svc_<name>_tracking`: how far the service has processed the log.
+- `svc_<name>_dead_letters`: events the service parked, with the reason.
+
+Every write is a `BEGIN IMMEDIATE` transaction, so a writer waits for the lock
+(up to `lock_timeout`) instead of failing half-way. `durability="full"` (the
+default) fsyncs every commit (`synchronous=FULL`): a committed event survives a
+crash of the process and of the machine. `durability="normal"` is faster and
+still survives `kill -9` of the process, but a power cut may lose the last
+commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
+from choreo.events import Envelope
+from choreo.store import DeadLetter, EventStore, ServiceStore, check_service_name
+
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+_LOG_COLUMNS = (
+    "position, event_id, type, version, saga_id, causation_id, service, step, outcome, "
+    "occurred_at, payload"
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS choreo_log (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    saga_id TEXT,
+    causation_id TEXT,
+    service TEXT NOT NULL,
+    step TEXT,
+    outcome TEXT,
+    occurred_at TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+"""
+_SERVICE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS svc_{name}_events (
+    originator_id TEXT, originator_version INTEGER, topic TEXT, state BLOB,
+    PRIMARY KEY (originator_id, originator_version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS svc_{name}_tracking (
+    source TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    position INTEGER NOT NULL, event_id TEXT, saga_id TEXT, type TEXT,
+    reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
+    first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
+    envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked');
+"""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class SQLiteStore(EventStore):
+    """The event store in one SQLite file, usable by several threads and processes at once."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        durability: str = "full",
+        lock_timeout: float = 30.0,
+        poll_interval: float = 0.01,
+    ) -> None:
+        if durability not in _SYNCHRONOUS:
+            raise StoreURLError(
+                f"unknown durability {durability!r}: expected one of {sorted(_SYNCHRONOUS)}"
+            )
+        if not path or path == ":memory:":
+            raise StoreURLError("a SQLite store needs a file path (use memory:// for tests)")
+        self.path = os.path.abspath(path)
+        self.url = f"sqlite:///{path}"
+        self.durability = durability
+        self.lock_timeout = float(lock_timeout)
+        self.poll_interval = poll_interval
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._changed = threading.Condition()
+        self._services: dict[str, _SQLiteServiceStore] = {}
+        self._check_file()
+        with self._write() as c:
+            c.executescript_safe(_SCHEMA)  # type: ignore[attr-defined]
+
+    # -- connections and transactions ------------------------------------------------
+    def _check_file(self) -> None:
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise StoreError(f"{self.path}: folder {folder} does not exist")
+        if os.path.isdir(self.path):
+            raise StoreCorrupt(f"{self.path}: is a folder, not a SQLite database")
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, "rb") as f:
+                header = f.read(16)
+            if header != b"SQLite format 3\x00":
+                raise StoreCorrupt(f"{self.path}: not a SQLite database (bad file header)")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.lock_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    cached_statements=256,
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.durability]}")
+            except sqlite3.Error as e:
+                raise self._translate(e) from e
+            self._local.conn = conn
+            with self._guard:
+                self._connections.append(conn)
+        return conn
+
+    def _translate(self, e: sqlite3.Error) -> Exception:
+        text = str(e)
+        if isinstance(e, sqlite3.IntegrityError):
+            return ConcurrencyConflict(f"{self.path}: {text}")
+        if "locked" in text or "busy" in text:
+            return StoreLocked(
+                f"{self.path}: database is locked (waited {self.lock_timeout:g}s): {text}"
+            )
+        if isinstance(e, sqlite3.DatabaseError) and (
+            "not a database" in text or "malformed" in text or "corrupt" in text
+        ):
+            return StoreCorrupt(f"{self.path}: {text}")
+        return StoreError(f"{self.path}: {text}")
+
+    @contextmanager
+    def _write(self) -> Iterator[_Cursor]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        try:
+            yield _Cursor(conn.cursor())
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise self._translate(e) from e
+            raise
+        with self._changed:
+            self._changed.notify_all()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+
+    # -- the log ---------------------------------------------------------------------
+    def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        with self._write() as c:
+            return c.insert_log(envelopes)
+
+    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+        rows = self._query(
+            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit),
+        )
+        return [_envelope(r) for r in rows]
+
+    def last_position(self) -> int:
+        return self._query("SELECT MAX(position) FROM choreo_log")[0][0] or 0
+
+    def wait(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.last_position() > after:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
+                self._changed.wait(min(left, self.poll_interval))
+
+    def service(self, name: str) -> ServiceStore:
+        check_service_name(name)
+        with self._guard:
+            store = self._services.get(name)
+        if store is None:
+            with self._write() as c:
+                c.executescript_safe(_SERVICE_SCHEMA.format(name=name))
+            store = _SQLiteServiceStore(self, name)
+            with self._guard:
+                self._services[name] = store
+        return store
+
+    def close(self) -> None:
+        with self._guard:
+            conns, self._connections = self._connections, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+
+class _Cursor:
+    """A cursor inside a write transaction, with choreo's inserts."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.c = cursor
+
+    def executescript_safe(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self.c.execute(statement)
+
+    def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
+        positions = []
+        for e in envelopes:
+            self.c.execute(
+                "INSERT INTO choreo_log (event_id, type, version, saga_id, causation_id, "
+                "service, step, outcome, occurred_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    e.event_id, e.type, e.version, e.saga_id, e.causation_id, e.service,
+                    e.step, e.outcome, e.occurred_at.isoformat(), e.payload,
+                ),
+            )
+            positions.append(int(self.c.lastrowid or 0))
+        return positions
+
+
+class _SQLiteServiceStore(ServiceStore):
+    def __init__(self, store: SQLiteStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._events = f"svc_{name}_events"
+        self._tracking = f"svc_{name}_tracking"
+        self._dead = f"svc_{name}_dead_letters"
+
+    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
+        rows = self.store._query(
+            f"SELECT originator_id, originator_version, topic, state FROM {self._events} "
+            "WHERE originator_id = ? ORDER BY originator_version",
+            (aggregate_id.hex,),
+        )
+        return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def position(self) -> int:
+        rows = self.store._query(
+            f"SELECT position FROM {self._tracking} WHERE source = 'log'"
+        )
+        return rows[0][0] if rows else 0
+
+    def commit(
+        self,
+        *,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        position: int,
+        parked: Sequence[DeadLetter] = (),
+    ) -> None:
+        with self.store._write() as c:
+            if events:
+                c.c.executemany(
+                    f"INSERT INTO {self._events} VALUES (?,?,?,?)",
+                    [
+                        (e.originator_id.hex, e.originator_version, e.topic, e.state)  # type: ignore[union-attr]
+                        for e in events
+                    ],
+                )
+            if emitted:
+                c.insert_log(emitted)
+            for d in parked:
+                c.c.execute(
+                    f"INSERT INTO {self._dead} (position, event_id, saga_id, type, reason, error, "
+                    "attempts, first_failed_at, last_failed_at, envelope, status) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        d.position, d.event_id, d.saga_id, d.type, d.reason, d.error, d.attempts,
+                        d.first_failed_at.isoformat(), d.last_failed_at.isoformat(),
+                        json.dumps(d.envelope), d.status,
+                    ),
+                )
+            c.c.execute(
+                f"INSERT INTO {self._tracking} VALUES ('log', :p) ON CONFLICT (source) "
+                f"DO UPDATE SET position = :p WHERE {self._tracking}.position < :p "
+                "RETURNING position",
+                {"p": position},
+            )
+            if c.c.fetchone() is None:
+                raise ConcurrencyConflict(
+                    f"{self.store.path}: {self.name} already processed past position {position}"
+                )
+
+    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
+        sql = (
+            "SELECT id, position, event_id, saga_id, type, reason, error, attempts, "
+            f"first_failed_at, last_failed_at, envelope, status FROM {self._dead}"
+        )
+        params: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            params = (status,)
+        return [
+            DeadLetter(
+                id=r[0], position=r[1], event_id=r[2], saga_id=r[3], type=r[4], reason=r[5],
+                error=r[6], attempts=r[7], first_failed_at=_time(r[8]),
+                last_failed_at=_time(r[9]), envelope=json.loads(r[10]), status=r[11],
+                service=self.name,
+            )
+            for r in self.store._query(sql + " ORDER BY id", params)
+        ]
+
+
+def _time(text: str | None) -> datetime:
+    try:
+        return datetime.fromisoformat(text) if text else _EPOCH
+    except (TypeError, ValueError):
+        return _EPOCH
+
+
+def _envelope(r: Sequence[Any]) -> Envelope:
+    """Build an envelope from a log row; a malformed row still yields one (decode fails later)."""
+    return Envelope(
+        position=r[0],
+        event_id=str(r[1]),
+        type=str(r[2]),
+        version=r[3] if isinstance(r[3], int) else -1,
+        saga_id=r[4] or "",
+        causation_id=r[5],
+        service=str(r[6]),
+        step=r[7],
+        outcome=r[8],
+        occurred_at=_time(r[9]),
+        payload=r[10] if isinstance(r[10], str) else repr(r[10]),
+    )

@@ -1,0 +1,259 @@
+"""The event store interface, the in-memory store, and opening a store by URL.
+
+A store holds the shared log of integration events (with a global position)
+and, for each service, its private state: aggregate events, its tracking
+position, and its dead letters. `ServiceStore.commit()` writes a handler's new
+aggregate events, the events it emitted and its tracking position in one
+transaction, which makes redelivery a no-op (guarantee 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from urllib.parse import parse_qsl, urlsplit
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from choreo.errors import ConcurrencyConflict, StoreURLError, WiringError
+from choreo.events import Envelope
+
+_SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+def check_service_name(name: str) -> str:
+    """Return `name` if it can name a service (lowercase letters, digits, underscores)."""
+    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        raise WiringError(
+            f"invalid service name {name!r}: use lowercase letters, digits and underscores, "
+            "starting with a letter"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event a service could not handle, parked with the reason, never dropped."""
+
+    service: str
+    position: int
+    event_id: str
+    saga_id: str
+    type: str
+    reason: str
+    error: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    envelope: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+    status: str = "parked"
+
+
+class ServiceStore(ABC):
+    """One service's private state: aggregate events, tracking position, dead letters."""
+
+    name: str
+
+    @abstractmethod
+    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
+        """Return the stored events of one aggregate, in version order."""
+
+    @abstractmethod
+    def position(self) -> int:
+        """Return the log position this service has processed up to (0 if none)."""
+
+    @abstractmethod
+    def commit(
+        self,
+        *,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        position: int,
+        parked: Sequence[DeadLetter] = (),
+    ) -> None:
+        """Atomically record aggregate events, emitted events, parked events and the new position.
+
+        Raises `ConcurrencyConflict` if an aggregate version or the position was
+        already recorded by another writer; then nothing is written.
+        """
+
+    @abstractmethod
+    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
+        """Return this service's dead letters, optionally only those with `status`."""
+
+
+class EventStore(ABC):
+    """The shared, append-only log of integration events, plus each service's own store."""
+
+    url: str
+
+    @abstractmethod
+    def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        """Append events to the log (used to start sagas); return their positions."""
+
+    @abstractmethod
+    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+        """Return up to `limit` events with a position greater than `after`, in log order."""
+
+    @abstractmethod
+    def last_position(self) -> int:
+        """Return the position of the last event in the log (0 if empty)."""
+
+    @abstractmethod
+    def wait(self, after: int, timeout: float) -> bool:
+        """Block until the log has an event after `after`, or `timeout` seconds pass."""
+
+    @abstractmethod
+    def service(self, name: str) -> ServiceStore:
+        """Return the private store of the service called `name`."""
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InMemoryStore(EventStore):
+    """A store held in memory, for unit tests; it behaves like the SQLite store."""
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self._log: list[Envelope] = []
+        self._event_ids: set[str] = set()
+        self._services: dict[str, _InMemoryServiceStore] = {}
+        self._changed = threading.Condition()
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        with self._changed:
+            return self._append(envelopes)
+
+    def _append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        ids = [e.event_id for e in envelopes]
+        if len(set(ids)) != len(ids) or self._event_ids.intersection(ids):
+            raise ConcurrencyConflict("event id already in the log")
+        positions = []
+        for env in envelopes:
+            self._log.append(env.at(len(self._log) + 1))
+            self._event_ids.add(env.event_id)
+            positions.append(len(self._log))
+        self._changed.notify_all()
+        return positions
+
+    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+        with self._changed:
+            return self._log[after : after + limit]
+
+    def last_position(self) -> int:
+        return len(self._log)
+
+    def wait(self, after: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._log) > after, timeout)
+
+    def service(self, name: str) -> ServiceStore:
+        check_service_name(name)
+        with self._changed:
+            if name not in self._services:
+                self._services[name] = _InMemoryServiceStore(self, name)
+            return self._services[name]
+
+
+class _InMemoryServiceStore(ServiceStore):
+    def __init__(self, store: InMemoryStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._events: dict[UUID, list[StoredEvent]] = {}
+        self._position = 0
+        self._dead: list[DeadLetter] = []
+
+    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
+        with self.store._changed:
+            return list(self._events.get(aggregate_id, ()))
+
+    def position(self) -> int:
+        return self._position
+
+    def commit(
+        self,
+        *,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        position: int,
+        parked: Sequence[DeadLetter] = (),
+    ) -> None:
+        with self.store._changed:
+            if position <= self._position:
+                raise ConcurrencyConflict(
+                    f"{self.name}: position {position} is not after {self._position}"
+                )
+            latest: dict[UUID, int] = {}
+            for e in events:
+                have = self._events.get(e.originator_id, [])  # type: ignore[call-overload]
+                last = latest.get(e.originator_id, have[-1].originator_version if have else 0)  # type: ignore[arg-type]
+                if e.originator_version != last + 1:
+                    raise ConcurrencyConflict(
+                        f"{self.name}: aggregate {e.originator_id} version "
+                        f"{e.originator_version} already recorded"
+                    )
+                latest[e.originator_id] = e.originator_version  # type: ignore[index]
+            ids = [env.event_id for env in emitted]
+            if len(set(ids)) != len(ids) or self.store._event_ids.intersection(ids):
+                raise ConcurrencyConflict(f"{self.name}: event id already in the log")
+            for e in events:
+                self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
+            for i, d in enumerate(parked, start=len(self._dead) + 1):
+                self._dead.append(_with_id(d, i))
+            self._position = position
+            if emitted:
+                self.store._append(emitted)
+            else:
+                self.store._changed.notify_all()
+
+    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
+        return [d for d in self._dead if status is None or d.status == status]
+
+
+def _with_id(d: DeadLetter, i: int) -> DeadLetter:
+    return replace(d, id=i)
+
+
+DEFAULT_URL = "sqlite:///choreo.db"
+
+
+def open_store(url: str | None = None, **options: Any) -> EventStore:
+    """Open the event store named by `url` (default: `$CHOREO_STORE` or `sqlite:///choreo.db`).
+
+    Understood: `memory://`, `sqlite:///relative.db` and `sqlite:////absolute.db`, with
+    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`.
+    """
+    url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
+    parts = urlsplit(url)
+    if parts.scheme == "memory":
+        return InMemoryStore()
+    if parts.scheme == "sqlite" and url.startswith("sqlite:///"):
+        from choreo.sqlite import SQLiteStore
+
+        settings: dict[str, Any] = dict(parse_qsl(parts.query))
+        unknown = set(settings) - {"durability", "lock_timeout"}
+        if unknown:
+            raise StoreURLError(f"unknown setting(s) {sorted(unknown)} in store URL {url!r}")
+        if "lock_timeout" in settings:
+            try:
+                settings["lock_timeout"] = float(settings["lock_timeout"])
+            except ValueError:
+                raise StoreURLError(f"lock_timeout must be a number of seconds in {url!r}") from None
+        path = url[len("sqlite:///") :].split("?", 1)[0]
+        return SQLiteStore(path, **{**settings, **options})
+    raise StoreURLError(f"unsupported store URL {url!r}: expected sqlite:///PATH or memory://")

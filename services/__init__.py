@@ -1,0 +1,22 @@
+"""The order-fulfilment example: five services that run a saga as a choreography."""
+
+from __future__ import annotations
+
+from choreo import SagaDefinition, System
+from services import inventory, notification, orders, payment, shipping
+from services.contracts import OrderCancelled, OrderConfirmed, OrderPlaced
+
+ORDER_SAGA = SagaDefinition(
+    name="order_fulfilment",
+    start=OrderPlaced,
+    steps=("reserve_inventory", "process_payment", "create_shipment", "send_confirmation"),
+    end=(OrderConfirmed, OrderCancelled),
+)
+
+SERVICES = (orders.service, inventory.service, payment.service, shipping.service, notification.service)
+
+#: What `choreo run` is given to run each service as its own process.
+TARGETS = {s.name: f"services.{s.name}:service" for s in SERVICES}
+
+system = System(SERVICES, sagas=[ORDER_SAGA])
+"""The example system: every service and the saga definition, checked at import."""

@@ -1,0 +1,169 @@
+"""The demo: place N orders with a seeded mix of outcomes, run every service, audit the result."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, TextIO
+from uuid import NAMESPACE_URL, uuid5
+
+from choreo import ChoreoError, EventStore, Runner, open_store
+from services import TARGETS, system
+from services.checks import check_invariants, read_facts
+from services.contracts import OrderPlaced
+
+#: The demo's mix: (weight, expected final state, failure cause or None).
+MIX = (
+    (70, "completed", None),
+    (10, "failed", "out of stock"),
+    (10, "failed", "payment declined"),
+    (10, "failed", "address undeliverable"),
+)
+
+
+def plan(orders: int, seed: int) -> list[tuple[str, OrderPlaced, str, str | None]]:
+    """Return (saga id, order, expected state, expected cause) for each order, from the seed."""
+    rng = random.Random(seed)
+    weights = [w for w, _, _ in MIX]
+    result = []
+    for i in range(orders):
+        _, state, cause = rng.choices(MIX, weights)[0]
+        order = OrderPlaced(
+            order_id=f"order-{seed}-{i}",
+            customer_id=f"broke-{i}" if cause == "payment declined" else f"customer-{rng.randrange(50)}",
+            sku="rare-gem" if cause == "out of stock" else rng.choice(["widget", "gadget"]),
+            quantity=rng.randint(1, 5),
+            amount=rng.randint(500, 50_000),
+            address="nowhere" if cause == "address undeliverable" else f"{rng.randint(1, 999)} Main St",
+        )
+        saga_id = str(uuid5(NAMESPACE_URL, f"choreo-demo/{seed}/{i}"))
+        result.append((saga_id, order, state, cause))
+    return result
+
+
+def run_demo(
+    store_url: str,
+    *,
+    orders: int = 300,
+    seed: int = 7,
+    processes: bool = False,
+    timeout: float = 300.0,
+    progress: TextIO | None = None,
+    fresh: bool = True,
+) -> dict[str, Any]:
+    """Run the example system on `store_url` and return the summary (see `choreo demo --help`)."""
+    if fresh and store_url.startswith("sqlite:///"):
+        path = store_url[len("sqlite:///") :].split("?", 1)[0]
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+    store = open_store(store_url)
+    planned = plan(orders, seed)
+    saga_ids = {saga_id for saga_id, *_ in planned}
+    workers: list[subprocess.Popen[bytes]] = []
+    runner = None
+    started = time.perf_counter()
+    try:
+        if processes:
+            workers = [_spawn(target, store_url) for target in TARGETS.values()]
+        else:
+            runner = Runner(system, store)
+            runner.start_threads()
+        for saga_id, order, _, _ in planned:
+            system.start(store, order, saga_id=saga_id)
+        ended = _wait_for_end(store, saga_ids, timeout, progress, workers)
+        elapsed = time.perf_counter() - started
+    finally:
+        if runner is not None:
+            runner.stop()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(10)
+    facts = read_facts(store, saga_ids)
+    invariants = check_invariants(store, facts)
+    expected_ok = all(
+        facts.get(saga_id) is not None and facts[saga_id].state == state and facts[saga_id].cause == cause
+        for saga_id, _, state, cause in planned
+    )
+    invariants["final_states_match_the_seeded_plan"] = expected_ok
+    store.close()
+    states = Counter(f.state for f in facts.values())
+    return {
+        "store": store_url,
+        "mode": "processes" if processes else "in-process",
+        "seed": seed,
+        "sagas": len(planned),
+        "ended": ended,
+        "states": dict(sorted(states.items())),
+        "failures": dict(sorted(Counter(f.cause for f in facts.values() if f.cause).items())),
+        "compensations": sum(len(f.compensated) for f in facts.values()),
+        "elapsed_s": round(elapsed, 3),
+        "sagas_per_s": round(len(planned) / elapsed, 1) if elapsed else None,
+        "invariants": invariants,
+        "invariants_ok": all(invariants.values()) and ended == len(planned),
+        "final_states": {saga_id: facts[saga_id].state for saga_id in sorted(facts)},
+    }
+
+
+def _spawn(target: str, store_url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "choreo", "run", target, "--store", store_url],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _wait_for_end(
+    store: EventStore,
+    saga_ids: set[str],
+    timeout: float,
+    progress: TextIO | None,
+    workers: list[subprocess.Popen[bytes]],
+) -> int:
+    from services.checks import END_TYPES
+
+    ended: set[str] = set()
+    position = 0
+    deadline = time.monotonic() + timeout
+    while len(ended) < len(saga_ids) and time.monotonic() < deadline:
+        batch = store.read(position, 5000)
+        if not batch:
+            dead = [w for w in workers if w.poll() is not None]
+            if dead:
+                raise ChoreoError(f"a service process exited with code {dead[0].returncode}: {dead[0].args}")
+            store.wait(position, 0.1)
+            continue
+        position = batch[-1].position or position
+        before = len(ended)
+        ended.update(e.saga_id for e in batch if e.type in END_TYPES and e.saga_id in saga_ids)
+        if progress is not None and len(ended) != before:
+            _draw(progress, len(ended), len(saga_ids))
+    if progress is not None:
+        _draw(progress, len(ended), len(saga_ids))
+        progress.write("\n")
+    return len(ended)
+
+
+def _draw(out: TextIO, done: int, total: int, width: int = 40) -> None:
+    filled = width * done // max(total, 1)
+    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} sagas ended")
+    out.flush()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Render the summary for people."""
+    lines = [
+        f"choreo demo — {s['sagas']} orders on {s['store']} ({s['mode']}, seed {s['seed']})",
+        f"  ended:          {s['ended']}/{s['sagas']} in {s['elapsed_s']:.2f}s ({s['sagas_per_s']} sagas/s)",
+        "  final states:   " + ", ".join(f"{k} {v}" for k, v in s["states"].items()),
+        "  failures:       " + (", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"),
+        f"  compensations:  {s['compensations']}",
+        "  invariants:",
+    ]
+    lines += [f"    [{'ok' if ok else 'FAILED'}] {name.replace('_', ' ')}" for name, ok in s["invariants"].items()]
+    lines.append("  result:         " + ("all invariants hold" if s["invariants_ok"] else "INVARIANT VIOLATED"))
+    return "\n".join(lines)

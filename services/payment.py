@@ -1,0 +1,76 @@
+"""Payment: charges the customer's wallet and refunds it when the saga fails.
+
+Canvas
+- handles: step `process_payment` on `ItemsReserved`; its compensation.
+- publishes: `PaymentCaptured`, `PaymentDeclined` (failure), `PaymentRefunded` (compensation).
+- subscribes to: `ItemsReserved`, and every failure of the saga (by outcome).
+- invariant: charged − refunded equals what confirmed orders paid.
+"""
+
+from __future__ import annotations
+
+from choreo import Aggregate, Context, Service, StepFailed, event
+from services.contracts import ItemsReserved, PaymentCaptured, PaymentDeclined, PaymentRefunded
+
+#: Opening balance (cents) of a customer's wallet; customers named `broke-*` have little.
+RICH, BROKE = 100_000_000, 100
+
+service = Service("payment")
+
+
+class Wallet(Aggregate):
+    """A customer's wallet, and what each order was charged."""
+
+    @event("Opened")
+    def __init__(self, customer_id: str, balance: int) -> None:
+        self.customer_id = customer_id
+        self.balance = balance
+        self.charges: dict[str, int] = {}
+
+    @event("Debited")
+    def debit(self, order_id: str, amount: int) -> None:
+        self.balance -= amount
+        self.charges[order_id] = amount
+
+    @event("Credited")
+    def refund(self, order_id: str) -> None:
+        self.balance += self.charges.pop(order_id)
+
+
+def opening_balance(customer_id: str) -> int:
+    """The balance a customer's wallet opens with."""
+    return BROKE if customer_id.startswith("broke-") else RICH
+
+
+def wallet(ctx: Context, customer_id: str) -> Wallet:
+    """Load the customer's wallet, opening it on first use."""
+    return ctx.find(Wallet, customer_id) or ctx.create(
+        Wallet, customer_id, customer_id=customer_id, balance=opening_balance(customer_id)
+    )
+
+
+@service.step("process_payment", on=ItemsReserved)
+def charge(reserved: ItemsReserved, ctx: Context) -> PaymentCaptured:
+    w = wallet(ctx, reserved.customer_id)
+    if w.balance < reserved.amount:
+        raise StepFailed(
+            PaymentDeclined(
+                order_id=reserved.order_id,
+                customer_id=reserved.customer_id,
+                amount=reserved.amount,
+                reason="insufficient funds",
+            )
+        )
+    w.debit(reserved.order_id, reserved.amount)
+    return PaymentCaptured(
+        order_id=reserved.order_id,
+        customer_id=reserved.customer_id,
+        amount=reserved.amount,
+        address=reserved.address,
+    )
+
+
+@service.compensation("process_payment")
+def refund(done: PaymentCaptured, ctx: Context) -> PaymentRefunded:
+    ctx.load(Wallet, done.customer_id).refund(done.order_id)
+    return PaymentRefunded(order_id=done.order_id, customer_id=done.customer_id, amount=done.amount)
