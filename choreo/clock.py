@@ -55,5 +55,9 @@ def use_clock(clock: Clock) -> Clock:
 
 
 def now() -> datetime:
-    """Return the current time from the process-wide clock."""
-    return _active.now()
+    """Return the current time from the process-wide clock, as a plain `datetime`."""
+    t = _active.now()
+    if type(t).__module__ != "datetime":  # a test double such as freezegun's FakeDatetime
+        real = next(c for c in type(t).__mro__ if c.__module__ == "datetime" and c.__name__ == "datetime")
+        t = real(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond, t.tzinfo)
+    return t

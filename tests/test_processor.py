@@ -1,0 +1,186 @@
+"""Guarantees 1-3: exactly-once effect, automatic correlation, compensation in any order."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+from uuid import uuid4
+
+import pytest
+
+import services
+from choreo import Envelope, EventStore, InMemoryStore, Processor, open_store
+from choreo.aggregates import load_aggregate
+from choreo.events import Event
+from services import inventory, payment
+from services.contracts import ItemsReserved, OrderPlaced, PaymentDeclined, ShipmentRejected
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+SAGA = "saga-1"
+
+
+def envelope_of(event: Event, *, service: str, outcome: str | None = None, step: str | None = None) -> Envelope:
+    return Envelope(
+        event_id=str(uuid4()), type=event.event_type, version=1, saga_id=SAGA, causation_id=None,
+        service=service, step=step, outcome=outcome, occurred_at=T0, payload=event.model_dump_json(),
+    )
+
+
+PLACED = OrderPlaced(order_id="o-1", customer_id="alice", sku="widget", quantity=3, amount=900, address="x")
+DECLINED = PaymentDeclined(order_id="o-1", customer_id="alice", amount=900, reason="insufficient funds")
+
+
+def trigger() -> Envelope:
+    return envelope_of(PLACED, service="orders")
+
+
+def failure() -> Envelope:
+    return envelope_of(DECLINED, service="payment", outcome="failed", step="process_payment")
+
+
+def types(store: EventStore, service: str) -> list[str]:
+    return [e.type for e in store.read(0, 10_000) if e.service == service]
+
+
+def stock(store: EventStore) -> int | None:
+    item = load_aggregate(store.service("inventory"), inventory.StockItem, "widget")
+    return None if item is None else item.on_hand
+
+
+ARRIVALS = sorted(set(itertools.permutations(["trigger", "failure", "trigger", "failure"])))
+
+
+@pytest.mark.parametrize("arrival", ARRIVALS, ids="-".join)
+def test_compensation_is_correct_in_any_arrival_order_with_duplicates(arrival: tuple[str, ...]) -> None:
+    store = InMemoryStore()
+    store.append([trigger() if a == "trigger" else failure() for a in arrival])
+    Processor(inventory.service, store, batch_size=1).run_until_idle()
+    emitted = types(store, "inventory")
+    if arrival.index("trigger") < arrival.index("failure"):
+        assert emitted == ["ItemsReserved", "ItemsReleased"]  # compensated exactly once
+    else:
+        assert emitted == ["choreo.StepSkipped"]  # a late trigger is skipped, once
+    assert stock(store) in (None, inventory.CATALOG["widget"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 500])
+def test_interleavings_hold_on_sqlite_in_one_batch_or_many(batch_size: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for n, arrival in enumerate(ARRIVALS):
+        store = open_store(f"sqlite:///{tmp_path}/i{n}.db")
+        store.append([trigger() if a == "trigger" else failure() for a in arrival])
+        Processor(inventory.service, store, batch_size=batch_size).run_until_idle()
+        emitted = types(store, "inventory")
+        expected = (
+            ["ItemsReserved", "ItemsReleased"]
+            if arrival.index("trigger") < arrival.index("failure")
+            else ["choreo.StepSkipped"]
+        )
+        assert emitted == expected, arrival
+        store.close()
+
+
+def test_failure_from_a_later_step_compensates_every_earlier_participant() -> None:
+    store = InMemoryStore()
+    reserved = ItemsReserved(**PLACED.model_dump())
+    rejected = ShipmentRejected(order_id="o-1", address="x", reason="address undeliverable")
+    store.append([
+        envelope_of(reserved, service="inventory", outcome="completed", step="reserve_inventory"),
+        envelope_of(rejected, service="shipping", outcome="failed", step="create_shipment"),
+    ])
+    Processor(payment.service, store).run_until_idle()
+    assert types(store, "payment") == ["PaymentCaptured", "PaymentRefunded"]
+    wallet = load_aggregate(store.service("payment"), payment.Wallet, "alice")
+    assert wallet is not None and wallet.balance == payment.RICH
+
+
+def test_redelivery_of_a_processed_batch_changes_nothing(sqlite_store) -> None:  # type: ignore[no-untyped-def]
+    sqlite_store.append([trigger()])
+    first = Processor(inventory.service, sqlite_store)
+    first.run_until_idle()
+    before = (sqlite_store.read(0, 100), stock(sqlite_store))
+    again = Processor(inventory.service, sqlite_store)
+    again.position = 0  # deliver everything again, as after a lost acknowledgement
+    again.run_until_idle()
+    assert (sqlite_store.read(0, 100), stock(sqlite_store)) == before
+    assert again.position == first.position
+
+
+def test_the_same_trigger_delivered_under_a_new_id_runs_the_step_once(any_store: EventStore) -> None:
+    any_store.append([trigger(), trigger(), trigger()])
+    Processor(inventory.service, any_store).run_until_idle()
+    assert types(any_store, "inventory") == ["ItemsReserved"]
+    assert stock(any_store) == inventory.CATALOG["widget"] - 3
+
+
+class Crash(BaseException):
+    """Stands for the process dying between the handler and the commit."""
+
+
+def test_a_crash_between_handler_and_commit_reruns_the_handler_once(sqlite_store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    sqlite_store.append([trigger()])
+    calls = []
+    real_reserve = inventory.service.steps["reserve_inventory"].fn
+
+    def counting(event, ctx):  # type: ignore[no-untyped-def]
+        calls.append(event.order_id)
+        return real_reserve(event, ctx)
+
+    monkeypatch.setitem(
+        inventory.service.steps, "reserve_inventory",
+        inventory.service.steps["reserve_inventory"].__class__("step", counting, OrderPlaced, "reserve_inventory"),
+    )
+    monkeypatch.setitem(inventory.service.handlers, "OrderPlaced", [inventory.service.steps["reserve_inventory"]])
+    crashing = Processor(inventory.service, sqlite_store)
+    real_commit = crashing.own.commit
+
+    def crash(**kwargs):  # type: ignore[no-untyped-def]
+        raise Crash
+
+    monkeypatch.setattr(crashing.own, "commit", crash)
+    with pytest.raises(Crash):
+        crashing.poll()
+    assert sqlite_store.read(0, 10) == sqlite_store.read(0, 1)  # nothing was written
+    monkeypatch.setattr(crashing.own, "commit", real_commit)
+    Processor(inventory.service, sqlite_store).run_until_idle()  # the restarted service
+    assert calls == ["o-1", "o-1"]
+    assert types(sqlite_store, "inventory") == ["ItemsReserved"]
+    assert stock(sqlite_store) == inventory.CATALOG["widget"] - 3
+
+
+def test_undecodable_events_are_parked_and_other_sagas_flow(any_store: EventStore) -> None:
+    bad = Envelope(
+        event_id="bad-1", type="OrderPlaced", version=1, saga_id="poisoned", causation_id=None,
+        service="orders", step=None, outcome=None, occurred_at=T0, payload='{"order_id": 5}',
+    )
+    later = Envelope(**{**bad.to_dict(), "event_id": "bad-2", "payload": PLACED.model_dump_json(),
+                        "occurred_at": T0, "position": None})
+    unknown = Envelope(**{**bad.to_dict(), "event_id": "u-1", "type": "NoSuchEvent", "saga_id": "other",
+                          "payload": "{}", "occurred_at": T0, "position": None})
+    any_store.append([bad, trigger(), later, unknown])
+    Processor(inventory.service, any_store).run_until_idle()
+    parked = any_store.service("inventory").dead_letters()
+    assert [(d.event_id, d.saga_id) for d in parked] == [("bad-1", "poisoned"), ("bad-2", "poisoned")]
+    assert "OrderPlaced.order_id" in parked[0].reason
+    assert parked[1].reason.startswith("held behind")
+    assert types(any_store, "inventory") == ["ItemsReserved"]  # the good saga went on
+    # an unknown type is not one inventory subscribes to, so it is not its concern
+    assert all(d.type != "NoSuchEvent" for d in parked)
+
+
+def test_a_handler_that_keeps_failing_is_parked_after_its_retries(any_store: EventStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from choreo import RetryPolicy
+
+    def boom(event, ctx):  # type: ignore[no-untyped-def]
+        raise TimeoutError("provider timed out")
+
+    handler = inventory.service.steps["reserve_inventory"].__class__("step", boom, OrderPlaced, "reserve_inventory")
+    monkeypatch.setitem(inventory.service.handlers, "OrderPlaced", [handler])
+    any_store.append([trigger()])
+    Processor(inventory.service, any_store, retry=RetryPolicy(max_attempts=3, base_delay=0.001)).run_until_idle()
+    (parked,) = any_store.service("inventory").dead_letters()
+    assert parked.attempts == 3 and "TimeoutError: provider timed out" in parked.reason
+    assert any_store.service("inventory").position() == 1
+
+
+def test_the_example_system_is_wired() -> None:
+    assert set(services.system.step_owners) == set(services.ORDER_SAGA.steps)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from choreo import EventStore, InMemoryStore, StoreURLError, open_store
+from tests.store_contract import EventStoreContract
+
+
+class TestInMemoryStore(EventStoreContract):
+    __test__ = True
+
+    def make_store(self) -> EventStore:
+        return InMemoryStore()
+
+
+class TestSQLiteStore(EventStoreContract):
+    __test__ = True
+
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "contract.db"
+
+    def make_store(self) -> EventStore:
+        return open_store(f"sqlite:///{self.path}")
+
+
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("postgres://localhost/db", "unsupported store URL"),
+        ("sqlite:///x.db?speed=max", "unknown setting"),
+        ("sqlite:///x.db?durability=reckless", "unknown durability"),
+        ("sqlite:///x.db?lock_timeout=soon", "lock_timeout"),
+    ],
+)
+def test_bad_store_urls_say_what_is_wrong(url: str, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreURLError, match=match):
+        open_store(url)
+    assert list(tmp_path.iterdir()) == []
