@@ -61,7 +61,7 @@ class UnitOfWork:
         agg = self.cache.get(agg_id)
         if agg is None:
             for stored in self.store.load(agg_id):
-                agg = self.mapper.to_domain_event(stored).mutate(agg)  # type: ignore[assignment]
+                agg = self.mapper.to_domain_event(stored).mutate(agg)  # type: ignore[attr-defined]
         self.aggregates[agg_id] = agg
         return agg
 
@@ -96,7 +96,7 @@ class UnitOfWork:
 
     def stored_events(self) -> list[StoredEvent]:
         """Take the pending events of every aggregate touched, as stored events."""
-        stored = []
+        stored: list[StoredEvent] = []
         for agg in self.aggregates.values():
             if agg is not None:
                 stored.extend(self.mapper.to_stored_event(e) for e in agg.collect_events())

@@ -80,5 +80,5 @@ def load_aggregate(store: ServiceStore, cls: type[A], key: object) -> A | None:
     mapper = new_mapper()
     agg = None
     for stored in store.load(aggregate_id(cls, key)):
-        agg = mapper.to_domain_event(stored).mutate(agg)
-    return agg  # type: ignore[return-value]
+        agg = mapper.to_domain_event(stored).mutate(agg)  # type: ignore[attr-defined]
+    return agg

@@ -99,7 +99,7 @@ class SQLiteStore(EventStore):
         self._services: dict[str, _SQLiteServiceStore] = {}
         self._check_file()
         with self._write() as c:
-            c.executescript_safe(_SCHEMA)  # type: ignore[attr-defined]
+            c.executescript_safe(_SCHEMA)
 
     # -- connections and transactions ------------------------------------------------
     def _check_file(self) -> None:

@@ -200,14 +200,16 @@ class _InMemoryServiceStore(ServiceStore):
                 )
             latest: dict[UUID, int] = {}
             for e in events:
-                have = self._events.get(e.originator_id, [])  # type: ignore[call-overload]
-                last = latest.get(e.originator_id, have[-1].originator_version if have else 0)  # type: ignore[arg-type]
+                agg_id = e.originator_id
+                assert isinstance(agg_id, UUID)
+                have = self._events.get(agg_id, [])
+                last = latest.get(agg_id, have[-1].originator_version if have else 0)
                 if e.originator_version != last + 1:
                     raise ConcurrencyConflict(
                         f"{self.name}: aggregate {e.originator_id} version "
                         f"{e.originator_version} already recorded"
                     )
-                latest[e.originator_id] = e.originator_version  # type: ignore[index]
+                latest[agg_id] = e.originator_version
             ids = [env.event_id for env in emitted]
             if len(set(ids)) != len(ids) or self.store._event_ids.intersection(ids):
                 raise ConcurrencyConflict(f"{self.name}: event id already in the log")

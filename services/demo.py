@@ -134,7 +134,7 @@ def _wait_for_end(
         if not batch:
             dead = [w for w in workers if w.poll() is not None]
             if dead:
-                raise ChoreoError(f"a service process exited with code {dead[0].returncode}: {dead[0].args}")
+                raise ChoreoError(f"a service process exited with code {dead[0].returncode}: {dead[0].args!r}")
             store.wait(position, 0.1)
             continue
         position = batch[-1].position or position
