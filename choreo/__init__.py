@@ -21,10 +21,11 @@ from choreo.errors import (
 )
 from choreo.events import Envelope, Event, Outcome, StepSkipped
 from choreo.processor import Processor, RetryPolicy
+from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import Runner, run_service
 from choreo.saga import SagaDefinition
 from choreo.service import Service
-from choreo.store import DeadLetter, EventStore, InMemoryStore, ServiceStore, open_store
+from choreo.store import DeadLetter, DocumentStore, EventStore, InMemoryStore, ServiceStore, open_store
 from choreo.system import System
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "ConcurrencyConflict",
     "Context",
     "DeadLetter",
+    "DocumentStore",
     "Envelope",
     "Event",
     "EventError",
@@ -49,6 +51,8 @@ __all__ = [
     "RetryPolicy",
     "Runner",
     "SagaDefinition",
+    "SagaFilter",
+    "SagaProjection",
     "Service",
     "ServiceStore",
     "StepFailed",

@@ -8,12 +8,17 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
+from choreo._render import render_mermaid, render_saga
 from choreo.errors import ChoreoError
+from choreo.projection import STATES, SagaFilter, SagaProjection
 from choreo.processor import RetryPolicy
 from choreo.runner import run_service
 from choreo.service import Service
 from choreo.store import open_store
+from choreo.system import System
 
 
 def load_service(target: str) -> Service:
@@ -30,6 +35,7 @@ def load_service(target: str) -> Service:
         raise ChoreoError(f"{target!r} is not a choreo Service (found {type(service).__name__})")
     service.validate()
     return service
+
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -60,6 +66,87 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _projection(args: argparse.Namespace) -> SagaProjection:
+    definitions = ()
+    if args.system:
+        system = _load(args.system, System)
+        definitions = system.sagas
+    projection = SagaProjection(open_store(args.store), sagas=definitions, stuck_after=timedelta(seconds=args.stuck_after))
+    projection.update()
+    return projection
+
+
+def _sagas_list(args: argparse.Namespace) -> int:
+    where = SagaFilter(
+        state=args.state,
+        saga_type=args.type,
+        started_after=_time(args.since),
+        started_before=_time(args.until),
+        stuck_for=timedelta(seconds=args.stuck_for) if args.stuck_for is not None else None,
+    )
+    sagas = _projection(args).list(where)
+    if args.json:
+        print(json.dumps(sagas, indent=2, sort_keys=True))
+        return 0
+    for s in sagas:
+        print(f"{s['saga_id']}  {s['saga_type'] or '-':<18} {s['state']:<13} {s['started_at']}  {s['cause'] or ''}")
+    print(f"{len(sagas)} saga(s)")
+    return 0
+
+
+def _sagas_show(args: argparse.Namespace) -> int:
+    as_of: int | datetime | None = None
+    if args.as_of is not None:
+        as_of = int(args.as_of) if args.as_of.isdigit() else _time(args.as_of)
+    saga = _projection(args).get(args.saga_id, as_of=as_of)
+    if saga is None:
+        print(f"choreo: no saga {args.saga_id!r} in {args.store or 'the store'}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(saga, indent=2, sort_keys=True))
+    elif args.mermaid:
+        print(render_mermaid(saga))
+    else:
+        print(render_saga(saga))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    projection = SagaProjection(open_store(args.store), sagas=_load(args.system, System).sagas if args.system else ())
+
+    def progress(position: int, last: int) -> None:
+        width = 40
+        filled = width * position // max(last, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {position}/{last} events")
+        sys.stderr.flush()
+
+    count = projection.replay(progress)
+    sys.stderr.write("\n")
+    print(f"replayed {count} events into {sum(projection.counts().values())} sagas")
+    return 0
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ChoreoError(f"not a position or ISO time: {text!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _load(target: str, kind: type) -> Any:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr, None)
+    except ImportError as e:
+        raise ChoreoError(f"cannot import module {module_name!r}: {e}") from e
+    if not isinstance(obj, kind):
+        raise ChoreoError(f"{target!r} is not a choreo {kind.__name__}")
+    return obj
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the `choreo` command."""
     parser = argparse.ArgumentParser(prog="choreo", description="Choreography-based, event-sourced sagas.")
@@ -83,6 +170,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=200, help="events per transaction (default: %(default)s)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries before an event is parked (default: %(default)s)")
     run.set_defaults(func=_run)
+
+    def projection_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
+        p.add_argument("--system", default="services:system",
+                       help="MODULE:SYSTEM whose saga definitions name the steps (default: %(default)s; '' for none)")
+        p.add_argument("--stuck-after", type=float, default=300.0,
+                       help="seconds without progress after which a saga counts as stuck (default: %(default)s)")
+
+    sagas = sub.add_parser("sagas", help="query the saga projection")
+    sagas_sub = sagas.add_subparsers(dest="sagas_command", required=True)
+    ls = sagas_sub.add_parser("list", help="list sagas")
+    projection_options(ls)
+    ls.add_argument("--state", choices=STATES, help="only sagas in this state")
+    ls.add_argument("--type", help="only sagas of this saga type")
+    ls.add_argument("--since", help="only sagas started at or after this ISO time")
+    ls.add_argument("--until", help="only sagas started before this ISO time")
+    ls.add_argument("--stuck-for", type=float, help="only sagas with no progress for this many seconds")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=_sagas_list)
+    show = sagas_sub.add_parser("show", help="show one saga: summary, steps, timeline")
+    projection_options(show)
+    show.add_argument("saga_id")
+    show.add_argument("--as-of", help="the saga as it stood at this log position or ISO time")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument("--mermaid", action="store_true", help="print a Mermaid sequence diagram")
+    show.set_defaults(func=_sagas_show)
+
+    replay = sub.add_parser("replay", help="drop the saga projection and rebuild it from position 0")
+    replay.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
+    replay.add_argument("--system", default="services:system", help="MODULE:SYSTEM with saga definitions")
+    replay.set_defaults(func=_replay)
     return parser
 
 

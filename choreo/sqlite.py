@@ -32,7 +32,7 @@ from eventsourcing.persistence import StoredEvent
 
 from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
 from choreo.events import Envelope
-from choreo.store import DeadLetter, EventStore, ServiceStore, check_service_name
+from choreo.store import DeadLetter, DocumentStore, EventStore, ServiceStore, check_service_name
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 _LOG_COLUMNS = (
@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
     reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
     envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked');
+"""
+_DOCUMENT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rm_{name}_tracking (source TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
 """
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -211,6 +215,12 @@ class SQLiteStore(EventStore):
                 self._services[name] = store
         return store
 
+    def documents(self, name: str) -> DocumentStore:
+        check_service_name(name)
+        with self._write() as c:
+            c.executescript_safe(_DOCUMENT_SCHEMA.format(name=name))
+        return _SQLiteDocumentStore(self, name)
+
     def close(self) -> None:
         with self._guard:
             conns, self._connections = self._connections, []
@@ -229,6 +239,16 @@ class _Cursor:
         for statement in script.split(";"):
             if statement.strip():
                 self.c.execute(statement)
+
+    def track(self, table: str, position: int, owner: str) -> None:
+        """Move a tracking position forward; raise `ConcurrencyConflict` if it would not move."""
+        self.c.execute(
+            f"INSERT INTO {table} VALUES ('log', :p) ON CONFLICT (source) "
+            f"DO UPDATE SET position = :p WHERE {table}.position < :p RETURNING position",
+            {"p": position},
+        )
+        if self.c.fetchone() is None:
+            raise ConcurrencyConflict(f"{owner} already processed past position {position}")
 
     def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
         positions = []
@@ -297,16 +317,7 @@ class _SQLiteServiceStore(ServiceStore):
                         json.dumps(d.envelope), d.status,
                     ),
                 )
-            c.c.execute(
-                f"INSERT INTO {self._tracking} VALUES ('log', :p) ON CONFLICT (source) "
-                f"DO UPDATE SET position = :p WHERE {self._tracking}.position < :p "
-                "RETURNING position",
-                {"p": position},
-            )
-            if c.c.fetchone() is None:
-                raise ConcurrencyConflict(
-                    f"{self.store.path}: {self.name} already processed past position {position}"
-                )
+            c.track(self._tracking, position, self.name)
 
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         sql = (
@@ -326,6 +337,44 @@ class _SQLiteServiceStore(ServiceStore):
             )
             for r in self.store._query(sql + " ORDER BY id", params)
         ]
+
+
+class _SQLiteDocumentStore(DocumentStore):
+    def __init__(self, store: SQLiteStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._docs = f"rm_{name}_documents"
+        self._tracking = f"rm_{name}_tracking"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
+        with self.store._write() as c:
+            c.c.executemany(
+                f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in docs.items()],
+            )
+            c.track(self._tracking, position, f"read model {self.name}")
+
+    def scan(self) -> Iterator[dict[str, Any]]:
+        after = ""
+        while rows := self.store._query(
+            f"SELECT key, doc FROM {self._docs} WHERE key > ? ORDER BY key LIMIT 1000", (after,)
+        ):
+            after = rows[-1][0]
+            for row in rows:
+                yield json.loads(row[1])
+
+    def position(self) -> int:
+        rows = self.store._query(f"SELECT position FROM {self._tracking} WHERE source = 'log'")
+        return rows[0][0] if rows else 0
+
+    def clear(self) -> None:
+        with self.store._write() as c:
+            c.c.execute(f"DELETE FROM {self._docs}")
+            c.c.execute(f"DELETE FROM {self._tracking}")
 
 
 def _time(text: str | None) -> datetime:

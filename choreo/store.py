@@ -14,7 +14,8 @@ import re
 import threading
 from urllib.parse import parse_qsl, urlsplit
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -90,6 +91,30 @@ class ServiceStore(ABC):
         """Return this service's dead letters, optionally only those with `status`."""
 
 
+class DocumentStore(ABC):
+    """A read model's JSON documents by key, with its tracking position, committed together."""
+
+    @abstractmethod
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the document stored under `key`, or None."""
+
+    @abstractmethod
+    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
+        """Store documents and move the position forward, atomically (`ConcurrencyConflict` if not forward)."""
+
+    @abstractmethod
+    def scan(self) -> Iterator[dict[str, Any]]:
+        """Yield every document, one at a time."""
+
+    @abstractmethod
+    def position(self) -> int:
+        """Return the log position the read model has processed up to."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Drop every document and reset the position to 0."""
+
+
 class EventStore(ABC):
     """The shared, append-only log of integration events, plus each service's own store."""
 
@@ -115,6 +140,10 @@ class EventStore(ABC):
     def service(self, name: str) -> ServiceStore:
         """Return the private store of the service called `name`."""
 
+    @abstractmethod
+    def documents(self, name: str) -> DocumentStore:
+        """Return the document store of the read model called `name`."""
+
     def close(self) -> None:
         """Release connections and files."""
 
@@ -133,6 +162,7 @@ class InMemoryStore(EventStore):
         self._log: list[Envelope] = []
         self._event_ids: set[str] = set()
         self._services: dict[str, _InMemoryServiceStore] = {}
+        self._documents: dict[str, _InMemoryDocumentStore] = {}
         self._changed = threading.Condition()
 
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
@@ -168,6 +198,37 @@ class InMemoryStore(EventStore):
             if name not in self._services:
                 self._services[name] = _InMemoryServiceStore(self, name)
             return self._services[name]
+
+    def documents(self, name: str) -> DocumentStore:
+        check_service_name(name)
+        return self._documents.setdefault(name, _InMemoryDocumentStore())
+
+
+class _InMemoryDocumentStore(DocumentStore):
+    def __init__(self) -> None:
+        self._docs: dict[str, str] = {}
+        self._position = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        text = self._docs.get(key)
+        return None if text is None else json.loads(text)
+
+    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
+        if position <= self._position:
+            raise ConcurrencyConflict(f"read model already past position {position}")
+        self._docs.update({k: json.dumps(v) for k, v in docs.items()})
+        self._position = position
+
+    def scan(self) -> Iterator[dict[str, Any]]:
+        for text in list(self._docs.values()):
+            yield json.loads(text)
+
+    def position(self) -> int:
+        return self._position
+
+    def clear(self) -> None:
+        self._docs.clear()
+        self._position = 0
 
 
 class _InMemoryServiceStore(ServiceStore):

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any, TextIO
 from uuid import NAMESPACE_URL, uuid5
 
-from choreo import ChoreoError, EventStore, Runner, open_store
+from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
 from services import TARGETS, system
 from services.checks import check_invariants, read_facts
 from services.contracts import OrderPlaced
@@ -86,13 +86,19 @@ def run_demo(
             w.wait(10)
     facts = read_facts(store, saga_ids)
     invariants = check_invariants(store, facts)
+    projection = SagaProjection(store, sagas=system.sagas)
+    projection.update()
+    sagas = {s["saga_id"]: s for s in projection.list() if s["saga_id"] in saga_ids}
+    invariants["projection_agrees_with_the_log_audit"] = all(
+        sagas.get(saga_id, {}).get("state") == f.state for saga_id, f in facts.items()
+    )
     expected_ok = all(
         facts.get(saga_id) is not None and facts[saga_id].state == state and facts[saga_id].cause == cause
         for saga_id, _, state, cause in planned
     )
     invariants["final_states_match_the_seeded_plan"] = expected_ok
     store.close()
-    states = Counter(f.state for f in facts.values())
+    states = Counter(s["state"] for s in sagas.values())
     return {
         "store": store_url,
         "mode": "processes" if processes else "in-process",
@@ -101,12 +107,15 @@ def run_demo(
         "ended": ended,
         "states": dict(sorted(states.items())),
         "failures": dict(sorted(Counter(f.cause for f in facts.values() if f.cause).items())),
+        "compensated_steps": dict(sorted(Counter(
+            name for s in sagas.values() for name, step in s["steps"].items() if step["status"] == "compensated"
+        ).items())),
         "compensations": sum(len(f.compensated) for f in facts.values()),
         "elapsed_s": round(elapsed, 3),
         "sagas_per_s": round(len(planned) / elapsed, 1) if elapsed else None,
         "invariants": invariants,
         "invariants_ok": all(invariants.values()) and ended == len(planned),
-        "final_states": {saga_id: facts[saga_id].state for saga_id in sorted(facts)},
+        "final_states": {saga_id: sagas[saga_id]["state"] for saga_id in sorted(sagas)},
     }
 
 
@@ -161,7 +170,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  ended:          {s['ended']}/{s['sagas']} in {s['elapsed_s']:.2f}s ({s['sagas_per_s']} sagas/s)",
         "  final states:   " + ", ".join(f"{k} {v}" for k, v in s["states"].items()),
         "  failures:       " + (", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"),
-        f"  compensations:  {s['compensations']}",
+        f"  compensations:  {s['compensations']} ("
+        + (", ".join(f"{k} {v}" for k, v in s["compensated_steps"].items()) or "none") + ")",
         "  invariants:",
     ]
     lines += [f"    [{'ok' if ok else 'FAILED'}] {name.replace('_', ' ')}" for name, ok in s["invariants"].items()]

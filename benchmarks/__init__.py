@@ -1,0 +1,1 @@
+"""choreo's benchmarks: run `python -m benchmarks.replay`."""
