@@ -6,7 +6,9 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -126,6 +128,19 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    store = open_store(args.store)
+    projection = SagaProjection(store, sagas=_load(args.system, System).sagas if args.system else ())
+    while not stop.is_set():
+        if projection.update() == 0:
+            store.wait(projection.documents.position(), 0.2)
+    store.close()
+    return 0
+
+
 def _time(text: str | None) -> datetime | None:
     if text is None:
         return None
@@ -201,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
     replay.add_argument("--system", default="services:system", help="MODULE:SYSTEM with saga definitions")
     replay.set_defaults(func=_replay)
+
+    project = sub.add_parser("project", help="keep the saga projection up to date until SIGINT/SIGTERM")
+    project.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
+    project.add_argument("--system", default="services:system", help="MODULE:SYSTEM with saga definitions")
+    project.set_defaults(func=_project)
     return parser
 
 

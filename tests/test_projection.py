@@ -167,3 +167,30 @@ def test_cli_list_agrees_with_the_demo_and_replay_changes_nothing(tmp_path: Path
     missing = subprocess.run([sys.executable, "-m", "choreo", "sagas", "show", "nope", "--store", url],
                              cwd=tmp_path, capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_project_runs_in_its_own_process_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from choreo import open_store
+
+    url = f"sqlite:///{tmp_path}/p.db"
+    harness_store = open_store(url)
+    from choreo import Runner
+
+    runner = Runner(services.system, harness_store)
+    for saga_id, order, _, _ in plan(30, 2):
+        runner.start(order, saga_id=saga_id)
+    runner.run_until_idle()
+    proc = subprocess.Popen([sys.executable, "-m", "choreo", "project", "--store", url], cwd=tmp_path)
+    documents = harness_store.documents("projection")
+    deadline = time.monotonic() + 60
+    while documents.position() < harness_store.last_position() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert documents.position() == harness_store.last_position()
+    assert sum(1 for _ in documents.scan()) == 30
+    harness_store.close()
