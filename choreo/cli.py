@@ -18,6 +18,7 @@ from choreo.errors import ChoreoError
 from choreo.projection import STATES, SagaFilter, SagaProjection
 from choreo.processor import RetryPolicy
 from choreo.runner import run_service
+from choreo.saga import SagaDefinition
 from choreo.service import Service
 from choreo.store import open_store
 from choreo.system import System
@@ -25,16 +26,7 @@ from choreo.system import System
 
 def load_service(target: str) -> Service:
     """Import `MODULE:ATTRIBUTE` and return the `Service` it names."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ChoreoError(f"expected MODULE:SERVICE (e.g. services.payment:service), got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ChoreoError(f"cannot import module {module_name!r}: {e}") from e
-    service = getattr(module, attr, None)
-    if not isinstance(service, Service):
-        raise ChoreoError(f"{target!r} is not a choreo Service (found {type(service).__name__})")
+    service: Service = _load(target, Service)
     service.validate()
     return service
 
@@ -69,11 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _projection(args: argparse.Namespace) -> SagaProjection:
-    definitions = ()
-    if args.system:
-        system = _load(args.system, System)
-        definitions = system.sagas
-    projection = SagaProjection(open_store(args.store), sagas=definitions, stuck_after=timedelta(seconds=args.stuck_after))
+    projection = SagaProjection(open_store(args.store), sagas=_definitions(args), stuck_after=timedelta(seconds=args.stuck_after))
     projection.update()
     return projection
 
@@ -114,7 +102,7 @@ def _sagas_show(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    projection = SagaProjection(open_store(args.store), sagas=_load(args.system, System).sagas if args.system else ())
+    projection = SagaProjection(open_store(args.store), sagas=_definitions(args))
 
     def progress(position: int, last: int) -> None:
         width = 40
@@ -133,7 +121,7 @@ def _project(args: argparse.Namespace) -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.set())
     store = open_store(args.store)
-    projection = SagaProjection(store, sagas=_load(args.system, System).sagas if args.system else ())
+    projection = SagaProjection(store, sagas=_definitions(args))
     while not stop.is_set():
         if projection.update() == 0:
             store.wait(projection.documents.position(), 0.2)
@@ -153,13 +141,19 @@ def _time(text: str | None) -> datetime | None:
 
 def _load(target: str, kind: type) -> Any:
     module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ChoreoError(f"expected MODULE:NAME (e.g. services.payment:service), got {target!r}")
     try:
         obj = getattr(importlib.import_module(module_name), attr, None)
     except ImportError as e:
         raise ChoreoError(f"cannot import module {module_name!r}: {e}") from e
     if not isinstance(obj, kind):
-        raise ChoreoError(f"{target!r} is not a choreo {kind.__name__}")
+        raise ChoreoError(f"{target!r} is not a choreo {kind.__name__} (found {type(obj).__name__})")
     return obj
+
+
+def _definitions(args: argparse.Namespace) -> tuple[SagaDefinition, ...]:
+    return _load(args.system, System).sagas if args.system else ()
 
 
 def build_parser() -> argparse.ArgumentParser:
