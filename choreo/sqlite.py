@@ -177,6 +177,11 @@ class SQLiteStore(EventStore):
         except sqlite3.Error as e:
             raise self._translate(e) from e
 
+    def _tracked(self, table: str) -> int:
+        """Return the log position recorded in a tracking table (0 if none)."""
+        rows = self._query(f"SELECT position FROM {table} WHERE source = 'log'")
+        return rows[0][0] if rows else 0
+
     # -- the log ---------------------------------------------------------------------
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
         with self._write() as c:
@@ -282,10 +287,7 @@ class _SQLiteServiceStore(ServiceStore):
         return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def position(self) -> int:
-        rows = self.store._query(
-            f"SELECT position FROM {self._tracking} WHERE source = 'log'"
-        )
-        return rows[0][0] if rows else 0
+        return self.store._tracked(self._tracking)
 
     def commit(
         self,
@@ -368,8 +370,7 @@ class _SQLiteDocumentStore(DocumentStore):
                 yield json.loads(row[1])
 
     def position(self) -> int:
-        rows = self.store._query(f"SELECT position FROM {self._tracking} WHERE source = 'log'")
-        return rows[0][0] if rows else 0
+        return self.store._tracked(self._tracking)
 
     def clear(self) -> None:
         with self.store._write() as c:

@@ -13,7 +13,7 @@ from uuid import NAMESPACE_URL, uuid5
 
 from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
 from services import TARGETS, system
-from services.checks import check_invariants, read_facts
+from services.checks import END_TYPES, check_invariants, read_facts
 from services.contracts import OrderPlaced
 
 #: The demo's mix: (weight, expected final state, failure cause or None).
@@ -133,8 +133,6 @@ def _wait_for_end(
     progress: TextIO | None,
     workers: list[subprocess.Popen[bytes]],
 ) -> int:
-    from services.checks import END_TYPES
-
     ended: set[str] = set()
     position = 0
     deadline = time.monotonic() + timeout
