@@ -104,10 +104,13 @@ def _sagas_show(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     projection = SagaProjection(open_store(args.store), sagas=_definitions(args))
 
-    def progress(position: int, last: int) -> None:
+    def progress(done: int, size: int | None) -> None:
         width = 40
-        filled = width * position // max(last, 1)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {position}/{last} events")
+        if size:
+            filled = width * min(done, size) // size
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{size} events")
+        else:
+            sys.stderr.write(f"\r{done} events")
         sys.stderr.flush()
 
     count = projection.replay(progress)
@@ -124,7 +127,8 @@ def _project(args: argparse.Namespace) -> int:
     projection = SagaProjection(store, sagas=_definitions(args))
     while not stop.is_set():
         if projection.update() == 0:
-            store.wait(projection.documents.position(), 0.2)
+            stop.wait(0.05)
+    projection.close()
     store.close()
     return 0
 

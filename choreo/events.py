@@ -44,6 +44,7 @@ class Outcome(StrEnum):
 
 
 _registry: dict[tuple[str, int], type[Event]] = {}
+_known_types: set[str] = set()
 
 
 def _register(cls: type[Event]) -> None:
@@ -55,6 +56,7 @@ def _register(cls: type[Event]) -> None:
             f"by {_origin(known)} and by {_origin(cls)}; set a distinct `event_type`"
         )
     _registry[key] = cls
+    _known_types.add(key[0])
 
 
 def _origin(cls: type) -> str:
@@ -69,6 +71,11 @@ def event_class(event_type: str, version: int = 1) -> type[Event]:
         raise UnknownEventType(
             f"unknown event type {event_type!r} (schema version {version})"
         ) from None
+
+
+def is_known_type(event_type: str) -> bool:
+    """Tell whether some schema version of `event_type` is registered."""
+    return event_type in _known_types
 
 
 def is_event_class(obj: object) -> bool:
@@ -86,7 +93,12 @@ class StepSkipped(Event):
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A stored event with its metadata: identity, correlation, causation, step and position."""
+    """A stored event with its metadata: identity, correlation, causation, step and position.
+
+    `source` names where `position` counts: "log" for the SQLite log (one global
+    order), "TOPIC:PARTITION" on Kafka (position = offset + 1). `malformed` says why
+    a record could not be read as an envelope; such an envelope is parked, never run.
+    """
 
     event_id: str
     type: str
@@ -99,14 +111,16 @@ class Envelope:
     occurred_at: datetime
     payload: str
     position: int | None = None
+    source: str = "log"
+    malformed: str | None = None
 
     def decode(self) -> Event:
         """Return the event, validated against its schema."""
         return decode_payload(self.type, self.version, self.payload)
 
-    def at(self, position: int) -> Envelope:
-        """Return this envelope with its log position set."""
-        return replace(self, position=position)
+    def at(self, position: int, source: str = "log") -> Envelope:
+        """Return this envelope with its position (in `source`) set."""
+        return replace(self, position=position, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the envelope as a JSON-ready dict (the payload as an object)."""
@@ -121,6 +135,7 @@ class Envelope:
             "outcome": self.outcome,
             "occurred_at": self.occurred_at.isoformat(),
             "position": self.position,
+            "source": self.source,
             "payload": json.loads(self.payload),
         }
 

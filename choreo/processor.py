@@ -24,9 +24,9 @@ from choreo._unit_of_work import AggregateCache, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
 from choreo.errors import ConcurrencyConflict, EventError, StepFailed, WiringError
-from choreo.events import Envelope, Event, Outcome, StepSkipped, decode_payload
+from choreo.events import Envelope, Event, Outcome, StepSkipped, decode_payload, is_known_type
 from choreo.service import Handler, Service
-from choreo.store import DeadLetter, EventStore
+from choreo.store import DeadLetter, EventStore, advance
 
 log = logging.getLogger("choreo")
 
@@ -73,29 +73,49 @@ class Processor:
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
         self.cache = AggregateCache(cache_size)
-        self.position = self.own.position()
+        self.tracking = self.own.tracking()
         self.held = {d.saga_id for d in self.own.dead_letters()}
+        self.feed = store.feed(service.name, self.own.tracking)
         self._types = service.subscribed_types
         self._has_steps = bool(service.steps)
 
     # -- the loop ----------------------------------------------------------------------
-    def poll(self) -> int:
-        """Process the next batch of the log; return how many events were read (0 if idle)."""
-        batch = self.store.read(self.position, self.batch_size)
+    def poll(self, timeout: float = 0.0) -> int:
+        """Process the next batch of the log; return how many events were read (0 if idle).
+
+        With `timeout`, wait up to that many seconds for new events when there are none.
+        """
+        self.own.flush()
+        batch = self.feed.poll(self.batch_size, timeout)
         if not batch:
             return 0
-        relevant = [e for e in batch if self._relevant(e)]
-        if not relevant:
-            self.position = batch[-1].position or self.position
+        fresh = self._fresh(batch)
+        if not any(self._relevant(e) for e in fresh):
+            self.tracking.update(advance(batch))
             return len(batch)
         try:
-            self._process(batch)
+            self._process(fresh)
         except ConcurrencyConflict as e:
             log.warning("%s: %s; reloading and retrying the batch", self.service.name, e)
             self.cache.clear()
-            self.position = self.own.position()
+            self.tracking = self.own.tracking()
             self.held = {d.saga_id for d in self.own.dead_letters()}
+            self.feed.rewind()
         return len(batch)
+
+    def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
+        """Drop what this service already processed: redelivered positions and repeated event ids."""
+        fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
+        ids = [e.event_id for e in fresh if self._relevant(e)]
+        skip = self.own.seen(ids) if ids else set()
+        out = []
+        for env in fresh:
+            if self._relevant(env):
+                if env.event_id in skip:
+                    continue  # a copy of an event handled before (Kafka, after a sender's crash)
+                skip.add(env.event_id)
+            out.append(env)
+        return out
 
     def run_until_idle(self) -> int:
         """Process until the log has nothing new for this service; return events read."""
@@ -104,8 +124,14 @@ class Processor:
             total += n
         return total
 
+    def close(self) -> None:
+        """Leave the log; the service's own store stays open."""
+        self.feed.close()
+
     def _relevant(self, env: Envelope) -> bool:
-        return env.type in self._types or (self._has_steps and env.outcome == Outcome.FAILED)
+        if env.type in self._types or (self._has_steps and env.outcome == Outcome.FAILED):
+            return True
+        return env.malformed is not None or not is_known_type(env.type)  # parked, never dropped
 
     def _process(self, batch: Sequence[Envelope]) -> None:
         start = 0
@@ -119,34 +145,36 @@ class Processor:
                     failed_at = i
                     break
             if failed_at is None:
-                self._commit(uow, batch[-1])
+                self._commit(uow, batch[start:])
                 return
             uow.discard()
             if failed_at > start:  # commit the good prefix, then the bad event alone
                 uow = self._new_uow()
                 for env in batch[start:failed_at]:
                     self._handle(env, uow)
-                self._commit(uow, batch[failed_at - 1])
+                self._commit(uow, batch[start:failed_at])
             self._handle_alone(batch[failed_at])
             start = failed_at + 1
 
     def _new_uow(self) -> UnitOfWork:
         return UnitOfWork(self.service.name, self.own, self.mapper, self.cache)
 
-    def _commit(self, uow: UnitOfWork, last: Envelope, parked: Sequence[DeadLetter] = ()) -> None:
-        assert last.position is not None
+    def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = ()) -> None:
+        reached = advance(done)
+        handled = [e.event_id for e in done if self._relevant(e)]
         try:
             self.own.commit(
                 events=uow.stored_events(),
                 emitted=uow.emitted,
-                position=last.position,
+                tracking=reached,
                 parked=parked,
+                handled=list(dict.fromkeys(handled)),
             )
         except BaseException:
             uow.discard()
             raise
         uow.keep()
-        self.position = last.position
+        self.tracking.update(reached)
         for d in parked:
             self.held.add(d.saga_id)
 
@@ -169,7 +197,7 @@ class Processor:
                     return self._park(env, reason, traceback.format_exc(), attempts, first_failed)
                 time.sleep(self.retry.delay(attempts))
                 continue
-            self._commit(uow, env)
+            self._commit(uow, [env])
             return None
 
     def _park(self, env: Envelope, reason: str, error: str, attempts: int, first: object) -> None:
@@ -187,12 +215,14 @@ class Processor:
             last_failed_at=clock.now(),
             envelope=_raw(env),
         )
-        self._commit(self._new_uow(), env, parked=[dead])
+        self._commit(self._new_uow(), [env], parked=[dead])
 
     # -- one event ---------------------------------------------------------------------
     def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
         if not self._relevant(env):
             return
+        if env.malformed is not None:
+            raise _Park(f"malformed record: {env.malformed}", env.payload)
         if not env.saga_id:
             raise _Park("missing saga id", f"event {env.event_id} of type {env.type} has no saga_id")
         if env.saga_id in self.held:

@@ -19,7 +19,7 @@ from choreo import clock
 from choreo.errors import EventError
 from choreo.events import Envelope, Outcome, decode_payload
 from choreo.saga import SagaDefinition
-from choreo.store import EventStore
+from choreo.store import EventStore, advance
 
 FINAL_STATES = frozenset({"completed", "failed"})
 STATES = ("started", "running", "compensating", "completed", "failed", "stuck")
@@ -144,28 +144,37 @@ class SagaProjection:
         self.stuck_after = stuck_after
         self.batch_size = batch_size
         self.documents = store.documents("projection")
+        self.feed = store.feed("projection", self.documents.tracking, group=False)
 
-    def update(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Fold every new event of the log into the read model; return how many were read."""
+    def update(self, progress: Callable[[int, int | None], None] | None = None) -> int:
+        """Fold every new event of the log into the read model; return how many were read.
+
+        `progress(read_so_far, size_hint)` is called after each batch.
+        """
         total = 0
-        last = self.store.last_position()
-        while batch := self.store.read(self.documents.position(), self.batch_size):
+        size = self.store.size_hint()
+        while batch := self.feed.poll(self.batch_size, self.store.idle_timeout):
             touched: dict[str, dict[str, Any]] = {}
             for env in batch:
                 saga_id = env.saga_id or "(no saga id)"
                 saga = touched.get(saga_id) or self.documents.get(saga_id) or new_saga(saga_id)
                 apply(saga, entry_of(env), self.definitions)
                 touched[saga_id] = saga
-            self.documents.put(touched, position=batch[-1].position or 0)
+            self.documents.put(touched, tracking=advance(batch))
             total += len(batch)
             if progress:
-                progress(batch[-1].position or 0, last)
+                progress(total, size)
         return total
 
-    def replay(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Drop the read model and rebuild it from position 0."""
+    def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
+        """Drop the read model and rebuild it from the start of the log."""
         self.documents.clear()
+        self.feed.rewind()
         return self.update(progress)
+
+    def close(self) -> None:
+        """Leave the log."""
+        self.feed.close()
 
     def get(self, saga_id: str, *, as_of: int | datetime | None = None) -> dict[str, Any] | None:
         """One saga's document (state, steps, timeline), optionally as it stood at a position or time."""

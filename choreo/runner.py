@@ -78,6 +78,8 @@ class Runner:
         for t in self._threads:
             t.join()
         self._threads.clear()
+        for p in self.processors:
+            p.close()
         if self.errors:
             raise self.errors[0]
 
@@ -94,15 +96,13 @@ def run_processor(processor: Processor, stop: threading.Event, idle_wait: float 
     backoff = 0.05
     while not stop.is_set():
         try:
-            n = processor.poll()
+            processor.poll(timeout=idle_wait)
         except StoreError as e:  # a locked or unreachable store: say so, wait, try again
             log.warning("%s: %s; retrying in %.2fs", processor.service.name, e, backoff)
             stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
             continue
         backoff = 0.05
-        if n == 0:
-            processor.store.wait(processor.position, idle_wait)
 
 
 def run_service(service: Service, store: EventStore, **options: object) -> None:
@@ -116,10 +116,13 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         processor = Processor(service, store, **options)  # type: ignore[arg-type]
-        log.info("%s: running from position %s on %s", service.name, processor.position, store.url)
+        log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
         started = time.monotonic()
-        run_processor(processor, stop)
-        log.info("%s: stopped at position %s after %.1fs", service.name, processor.position, time.monotonic() - started)
+        try:
+            run_processor(processor, stop)
+        finally:
+            processor.close()
+        log.info("%s: stopped at %s after %.1fs", service.name, processor.tracking, time.monotonic() - started)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -4,7 +4,9 @@ This is the only module that speaks SQL. Tables:
 
 - `choreo_log`: the shared log of integration events; `position` is the global order.
 - `svc_<name>_events`: a service's aggregate events (the `eventsourcing` stored-event shape).
-- `svc_<name>_tracking`: how far the service has processed the log.
+- `svc_<name>_tracking`: how far the service has processed each source of the log.
+- `svc_<name>_handled`: ids of the events the service handled (only with `dedupe=True`,
+  for logs that can deliver an event twice, such as Kafka).
 - `svc_<name>_dead_letters`: events the service parked, with the reason.
 
 Every write is a `BEGIN IMMEDIATE` transaction, so a writer waits for the lock
@@ -22,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -32,7 +34,9 @@ from eventsourcing.persistence import StoredEvent
 
 from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
 from choreo.events import Envelope
-from choreo.store import DeadLetter, DocumentStore, EventStore, ServiceStore, check_service_name
+from choreo.store import (
+    DeadLetter, DocumentStore, LogStore, ServiceStore, Tracking, check_service_name,
+)
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 _LOG_COLUMNS = (
@@ -66,6 +70,7 @@ CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
     reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
     envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked');
+CREATE TABLE IF NOT EXISTS svc_{name}_handled (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _DOCUMENT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
@@ -74,7 +79,7 @@ CREATE TABLE IF NOT EXISTS rm_{name}_tracking (source TEXT PRIMARY KEY, position
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class SQLiteStore(EventStore):
+class SQLiteStore(LogStore):
     """The event store in one SQLite file, usable by several threads and processes at once."""
 
     def __init__(
@@ -84,6 +89,7 @@ class SQLiteStore(EventStore):
         durability: str = "full",
         lock_timeout: float = 30.0,
         poll_interval: float = 0.01,
+        dedupe: bool = False,
     ) -> None:
         if durability not in _SYNCHRONOUS:
             raise StoreURLError(
@@ -96,6 +102,7 @@ class SQLiteStore(EventStore):
         self.durability = durability
         self.lock_timeout = float(lock_timeout)
         self.poll_interval = poll_interval
+        self.dedupe = dedupe
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
@@ -177,10 +184,9 @@ class SQLiteStore(EventStore):
         except sqlite3.Error as e:
             raise self._translate(e) from e
 
-    def _tracked(self, table: str) -> int:
-        """Return the log position recorded in a tracking table (0 if none)."""
-        rows = self._query(f"SELECT position FROM {table} WHERE source = 'log'")
-        return rows[0][0] if rows else 0
+    def _tracked(self, table: str) -> Tracking:
+        """Return the positions recorded in a tracking table, by source."""
+        return dict(self._query(f"SELECT source, position FROM {table}"))
 
     # -- the log ---------------------------------------------------------------------
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
@@ -245,15 +251,16 @@ class _Cursor:
             if statement.strip():
                 self.c.execute(statement)
 
-    def track(self, table: str, position: int, owner: str) -> None:
-        """Move a tracking position forward; raise `ConcurrencyConflict` if it would not move."""
-        self.c.execute(
-            f"INSERT INTO {table} VALUES ('log', :p) ON CONFLICT (source) "
-            f"DO UPDATE SET position = :p WHERE {table}.position < :p RETURNING position",
-            {"p": position},
-        )
-        if self.c.fetchone() is None:
-            raise ConcurrencyConflict(f"{owner} already processed past position {position}")
+    def track(self, table: str, tracking: Mapping[str, int], owner: str) -> None:
+        """Move tracking positions forward; raise `ConcurrencyConflict` if one would not move."""
+        for source, position in tracking.items():
+            self.c.execute(
+                f"INSERT INTO {table} VALUES (:s, :p) ON CONFLICT (source) "
+                f"DO UPDATE SET position = :p WHERE {table}.position < :p RETURNING position",
+                {"s": source, "p": position},
+            )
+            if self.c.fetchone() is None:
+                raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
 
     def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
         positions = []
@@ -277,6 +284,7 @@ class _SQLiteServiceStore(ServiceStore):
         self._events = f"svc_{name}_events"
         self._tracking = f"svc_{name}_tracking"
         self._dead = f"svc_{name}_dead_letters"
+        self._handled = f"svc_{name}_handled"
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         rows = self.store._query(
@@ -286,16 +294,24 @@ class _SQLiteServiceStore(ServiceStore):
         )
         return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
 
-    def position(self) -> int:
+    def tracking(self) -> Tracking:
         return self.store._tracked(self._tracking)
+
+    def seen(self, event_ids: Sequence[str]) -> set[str]:
+        if not self.store.dedupe or not event_ids:
+            return set()
+        marks = ",".join("?" * len(event_ids))
+        rows = self.store._query(f"SELECT event_id FROM {self._handled} WHERE event_id IN ({marks})", event_ids)
+        return {r[0] for r in rows}
 
     def commit(
         self,
         *,
         events: Sequence[StoredEvent],
         emitted: Sequence[Envelope],
-        position: int,
+        tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
+        handled: Sequence[str] = (),
     ) -> None:
         with self.store._write() as c:
             if events:
@@ -319,7 +335,9 @@ class _SQLiteServiceStore(ServiceStore):
                         json.dumps(d.envelope), d.status,
                     ),
                 )
-            c.track(self._tracking, position, self.name)
+            if handled and self.store.dedupe:
+                c.c.executemany(f"INSERT INTO {self._handled} VALUES (?)", [(i,) for i in handled])
+            c.track(self._tracking, tracking, self.name)
 
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         sql = (
@@ -352,13 +370,13 @@ class _SQLiteDocumentStore(DocumentStore):
         rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else None
 
-    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
+    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
         with self.store._write() as c:
             c.c.executemany(
                 f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
                 [(k, json.dumps(v)) for k, v in docs.items()],
             )
-            c.track(self._tracking, position, f"read model {self.name}")
+            c.track(self._tracking, tracking, f"read model {self.name}")
 
     def scan(self) -> Iterator[dict[str, Any]]:
         after = ""
@@ -369,7 +387,7 @@ class _SQLiteDocumentStore(DocumentStore):
             for row in rows:
                 yield json.loads(row[1])
 
-    def position(self) -> int:
+    def tracking(self) -> Tracking:
         return self.store._tracked(self._tracking)
 
     def clear(self) -> None:

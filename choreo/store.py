@@ -15,11 +15,11 @@ import threading
 from urllib.parse import parse_qsl, urlsplit
 from abc import ABC, abstractmethod
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from eventsourcing.persistence import StoredEvent
 
@@ -58,8 +58,22 @@ class DeadLetter:
     status: str = "parked"
 
 
+Tracking = dict[str, int]
+"""How far a reader got in each source of the log: {"log": 42} or {"orders:3": 17, ...}."""
+
+LOG = "log"
+
+
+def advance(batch: Sequence[Envelope]) -> Tracking:
+    """Return the tracking that a reader reaches by processing `batch` (per source, the last position)."""
+    reached: Tracking = {}
+    for env in batch:
+        reached[env.source] = env.position or 0
+    return reached
+
+
 class ServiceStore(ABC):
-    """One service's private state: aggregate events, tracking position, dead letters."""
+    """One service's private state: aggregate events, tracking, handled ids, dead letters."""
 
     name: str
 
@@ -68,8 +82,12 @@ class ServiceStore(ABC):
         """Return the stored events of one aggregate, in version order."""
 
     @abstractmethod
-    def position(self) -> int:
-        """Return the log position this service has processed up to (0 if none)."""
+    def tracking(self) -> Tracking:
+        """Return how far this service has processed each source of the log."""
+
+    def position(self, source: str = LOG) -> int:
+        """Return the position this service has processed up to in `source` (0 if none)."""
+        return self.tracking().get(source, 0)
 
     @abstractmethod
     def commit(
@@ -77,52 +95,127 @@ class ServiceStore(ABC):
         *,
         events: Sequence[StoredEvent],
         emitted: Sequence[Envelope],
-        position: int,
+        tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
+        handled: Sequence[str] = (),
     ) -> None:
-        """Atomically record aggregate events, emitted events, parked events and the new position.
+        """Atomically record aggregate events, emitted events, parked events, handled ids and tracking.
 
-        Raises `ConcurrencyConflict` if an aggregate version or the position was
-        already recorded by another writer; then nothing is written.
+        Raises `ConcurrencyConflict` if an aggregate version was already recorded or a
+        tracked position would not move forward; then nothing is written.
         """
+
+    def seen(self, event_ids: Sequence[str]) -> set[str]:
+        """Return those of `event_ids` this service already handled.
+
+        Only stores whose log can deliver one event id twice (Kafka) record handled
+        ids; on a log with unique ids the tracking alone rules out redelivery.
+        """
+        return set()
 
     @abstractmethod
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         """Return this service's dead letters, optionally only those with `status`."""
 
+    def flush(self) -> None:
+        """Publish whatever the service emitted that is not yet in the log (Kafka's outbox)."""
+
 
 class DocumentStore(ABC):
-    """A read model's JSON documents by key, with its tracking position, committed together."""
+    """A read model's JSON documents by key, with its tracking, committed together."""
 
     @abstractmethod
     def get(self, key: str) -> dict[str, Any] | None:
         """Return the document stored under `key`, or None."""
 
     @abstractmethod
-    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
-        """Store documents and move the position forward, atomically (`ConcurrencyConflict` if not forward)."""
+    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
+        """Store documents and move the tracking forward, atomically (`ConcurrencyConflict` if not forward)."""
 
     @abstractmethod
     def scan(self) -> Iterator[dict[str, Any]]:
         """Yield every document, one at a time."""
 
     @abstractmethod
-    def position(self) -> int:
-        """Return the log position the read model has processed up to."""
+    def tracking(self) -> Tracking:
+        """Return how far the read model has processed each source of the log."""
+
+    def position(self, source: str = LOG) -> int:
+        """Return the position the read model has processed up to in `source`."""
+        return self.tracking().get(source, 0)
 
     @abstractmethod
     def clear(self) -> None:
-        """Drop every document and reset the position to 0."""
+        """Drop every document and the tracking."""
+
+
+class Feed(ABC):
+    """A reader's view of the log: new envelopes, batch by batch, after the reader's tracking."""
+
+    @abstractmethod
+    def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
+        """Return up to `limit` new envelopes; wait up to `timeout` seconds when there are none."""
+
+    @abstractmethod
+    def rewind(self) -> None:
+        """Continue after the reader's recorded tracking again (after a conflict or a restart)."""
+
+    def close(self) -> None:
+        """Leave the log (and, on Kafka, the consumer group)."""
 
 
 class EventStore(ABC):
-    """The shared, append-only log of integration events, plus each service's own store."""
+    """The append-only log of integration events, plus each service's and read model's own store."""
 
     url: str
+    #: How long a scan waits for more before it decides it reached the end of the log.
+    idle_timeout: float = 0.0
 
     @abstractmethod
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
-        """Append events to the log (used to start sagas); return their positions."""
+        """Append events to the log (used to start sagas); return their positions in their sources."""
+
+    @abstractmethod
+    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
+        """Return a feed for `reader`, starting after `tracking()`.
+
+        With `group=True` the readers of one name share the log (on Kafka: a consumer
+        group whose members split the partitions); with `group=False` this reader sees all of it.
+        """
+
+    @abstractmethod
+    def service(self, name: str) -> ServiceStore:
+        """Return the private store of the service called `name`."""
+
+    @abstractmethod
+    def documents(self, name: str) -> DocumentStore:
+        """Return the document store of the read model called `name`."""
+
+    def size_hint(self) -> int | None:
+        """Return about how many events the log holds, or None if the log cannot tell cheaply."""
+        return None
+
+    def scan(self, batch: int = 5000) -> Iterator[list[Envelope]]:
+        """Yield the whole log, batch by batch, from the beginning to where it goes quiet."""
+        feed = self.feed(f"scan-{uuid4()}", dict, group=False)
+        try:
+            while got := feed.poll(batch, self.idle_timeout):
+                yield got
+        finally:
+            feed.close()
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogStore(EventStore):
+    """A store whose log has one global order (SQLite, memory): positions are in source "log"."""
 
     @abstractmethod
     def read(self, after: int, limit: int = 500) -> list[Envelope]:
@@ -136,25 +229,32 @@ class EventStore(ABC):
     def wait(self, after: int, timeout: float) -> bool:
         """Block until the log has an event after `after`, or `timeout` seconds pass."""
 
-    @abstractmethod
-    def service(self, name: str) -> ServiceStore:
-        """Return the private store of the service called `name`."""
+    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
+        return _LogFeed(self, tracking)
 
-    @abstractmethod
-    def documents(self, name: str) -> DocumentStore:
-        """Return the document store of the read model called `name`."""
-
-    def close(self) -> None:
-        """Release connections and files."""
-
-    def __enter__(self) -> EventStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def size_hint(self) -> int | None:
+        return self.last_position()
 
 
-class InMemoryStore(EventStore):
+class _LogFeed(Feed):
+    def __init__(self, store: LogStore, tracking: Callable[[], Tracking]) -> None:
+        self.store = store
+        self._tracking = tracking
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.position = self._tracking().get(LOG, 0)
+
+    def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
+        batch = self.store.read(self.position, limit)
+        if not batch and timeout > 0 and self.store.wait(self.position, timeout):
+            batch = self.store.read(self.position, limit)
+        if batch:
+            self.position = batch[-1].position or self.position
+        return batch
+
+
+class InMemoryStore(LogStore):
     """A store held in memory, for unit tests; it behaves like the SQLite store."""
 
     def __init__(self) -> None:
@@ -204,31 +304,37 @@ class InMemoryStore(EventStore):
         return self._documents.setdefault(name, _InMemoryDocumentStore())
 
 
+def forward(have: Tracking, to: Mapping[str, int], owner: str) -> Tracking:
+    """Return `have` moved to `to`; raise `ConcurrencyConflict` unless every source moves forward."""
+    for source, position in to.items():
+        if position <= have.get(source, 0):
+            raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
+    return {**have, **to}
+
+
 class _InMemoryDocumentStore(DocumentStore):
     def __init__(self) -> None:
         self._docs: dict[str, str] = {}
-        self._position = 0
+        self._tracking: Tracking = {}
 
     def get(self, key: str) -> dict[str, Any] | None:
         text = self._docs.get(key)
         return None if text is None else json.loads(text)
 
-    def put(self, docs: dict[str, dict[str, Any]], *, position: int) -> None:
-        if position <= self._position:
-            raise ConcurrencyConflict(f"read model already past position {position}")
+    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
+        self._tracking = forward(self._tracking, tracking, "read model")
         self._docs.update({k: json.dumps(v) for k, v in docs.items()})
-        self._position = position
 
     def scan(self) -> Iterator[dict[str, Any]]:
         for text in list(self._docs.values()):
             yield json.loads(text)
 
-    def position(self) -> int:
-        return self._position
+    def tracking(self) -> Tracking:
+        return dict(self._tracking)
 
     def clear(self) -> None:
         self._docs.clear()
-        self._position = 0
+        self._tracking = {}
 
 
 class _InMemoryServiceStore(ServiceStore):
@@ -236,29 +342,27 @@ class _InMemoryServiceStore(ServiceStore):
         self.store = store
         self.name = name
         self._events: dict[UUID, list[StoredEvent]] = {}
-        self._position = 0
+        self._tracking: Tracking = {}
         self._dead: list[DeadLetter] = []
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         with self.store._changed:
             return list(self._events.get(aggregate_id, ()))
 
-    def position(self) -> int:
-        return self._position
+    def tracking(self) -> Tracking:
+        return dict(self._tracking)
 
     def commit(
         self,
         *,
         events: Sequence[StoredEvent],
         emitted: Sequence[Envelope],
-        position: int,
+        tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
+        handled: Sequence[str] = (),
     ) -> None:
         with self.store._changed:
-            if position <= self._position:
-                raise ConcurrencyConflict(
-                    f"{self.name}: position {position} is not after {self._position}"
-                )
+            reached = forward(self._tracking, tracking, self.name)
             latest: dict[UUID, int] = {}
             for e in events:
                 agg_id = e.originator_id
@@ -278,7 +382,7 @@ class _InMemoryServiceStore(ServiceStore):
                 self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
             for i, d in enumerate(parked, start=len(self._dead) + 1):
                 self._dead.append(_with_id(d, i))
-            self._position = position
+            self._tracking = reached
             if emitted:
                 self.store._append(emitted)
             else:

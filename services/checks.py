@@ -30,9 +30,7 @@ class SagaFacts:
 def read_facts(store: EventStore, saga_ids: set[str] | None = None) -> dict[str, SagaFacts]:
     """Scan the log once and return the facts of each saga (or only of `saga_ids`)."""
     facts: dict[str, SagaFacts] = defaultdict(SagaFacts)
-    position = 0
-    while batch := store.read(position, 5000):
-        position = batch[-1].position or position
+    for batch in store.scan():
         for env in batch:
             if saga_ids is not None and env.saga_id not in saga_ids:
                 continue

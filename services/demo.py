@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter
 from typing import Any, TextIO
-from uuid import NAMESPACE_URL, uuid5
+from uuid import NAMESPACE_URL, uuid4, uuid5
 
 from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
 from services import TARGETS, system
@@ -134,21 +134,20 @@ def _wait_for_end(
     workers: list[subprocess.Popen[bytes]],
 ) -> int:
     ended: set[str] = set()
-    position = 0
+    feed = store.feed(f"demo-{uuid4()}", dict, group=False)
     deadline = time.monotonic() + timeout
     while len(ended) < len(saga_ids) and time.monotonic() < deadline:
-        batch = store.read(position, 5000)
+        batch = feed.poll(5000, 0.1)
         if not batch:
             dead = [w for w in workers if w.poll() is not None]
             if dead:
                 raise ChoreoError(f"a service process exited with code {dead[0].returncode}: {dead[0].args!r}")
-            store.wait(position, 0.1)
             continue
-        position = batch[-1].position or position
         before = len(ended)
         ended.update(e.saga_id for e in batch if e.type in END_TYPES and e.saga_id in saga_ids)
         if progress is not None and len(ended) != before:
             _draw(progress, len(ended), len(saga_ids))
+    feed.close()
     if progress is not None:
         _draw(progress, len(ended), len(saga_ids))
         progress.write("\n")

@@ -69,7 +69,7 @@ class EventStoreContract:
     def test_commit_writes_events_emitted_and_position_together(self, store: EventStore) -> None:
         svc = store.service("alpha")
         agg = uuid4()
-        svc.commit(events=[stored(agg, 1), stored(agg, 2)], emitted=[envelope()], position=1)
+        svc.commit(events=[stored(agg, 1), stored(agg, 2)], emitted=[envelope()], tracking={"log": 1})
         assert [s.originator_version for s in svc.load(agg)] == [1, 2]
         assert svc.position() == 1
         assert len(store.read(0)) == 1
@@ -77,22 +77,22 @@ class EventStoreContract:
     def test_commit_conflict_writes_nothing(self, store: EventStore) -> None:
         svc = store.service("alpha")
         agg = uuid4()
-        svc.commit(events=[stored(agg, 1)], emitted=[], position=1)
+        svc.commit(events=[stored(agg, 1)], emitted=[], tracking={"log": 1})
         with pytest.raises(ConcurrencyConflict):
-            svc.commit(events=[stored(uuid4(), 1), stored(agg, 1)], emitted=[envelope()], position=2)
+            svc.commit(events=[stored(uuid4(), 1), stored(agg, 1)], emitted=[envelope()], tracking={"log": 2})
         assert svc.position() == 1
         assert store.read(0) == []
         assert len(svc.load(agg)) == 1
 
     def test_position_cannot_go_back(self, store: EventStore) -> None:
         svc = store.service("alpha")
-        svc.commit(events=[], emitted=[], position=5)
+        svc.commit(events=[], emitted=[], tracking={"log": 5})
         with pytest.raises(ConcurrencyConflict):
-            svc.commit(events=[], emitted=[envelope()], position=5)
+            svc.commit(events=[], emitted=[envelope()], tracking={"log": 5})
         assert store.read(0) == [] and svc.position() == 5
 
     def test_services_have_separate_positions(self, store: EventStore) -> None:
-        store.service("alpha").commit(events=[], emitted=[], position=3)
+        store.service("alpha").commit(events=[], emitted=[], tracking={"log": 3})
         assert store.service("beta").position() == 0
 
     def test_dead_letters_round_trip(self, store: EventStore) -> None:
@@ -101,7 +101,7 @@ class EventStoreContract:
             service="alpha", position=7, event_id="e", saga_id="s", type="T", reason="bad",
             error="trace", attempts=3, first_failed_at=T0, last_failed_at=T0, envelope={"k": 1},
         )
-        svc.commit(events=[], emitted=[], position=7, parked=[d])
+        svc.commit(events=[], emitted=[], tracking={"log": 7}, parked=[d])
         (back,) = svc.dead_letters()
         assert back.reason == "bad" and back.envelope == {"k": 1} and back.id is not None
         assert back.first_failed_at == T0

@@ -51,12 +51,12 @@ def test_a_locked_database_waits_then_fails_clearly_with_nothing_written(db_path
     holder.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(StoreLocked, match=r"locked \(waited 0.2s\)"):
-            svc.commit(events=[], emitted=[envelope()], position=1)
+            svc.commit(events=[], emitted=[envelope()], tracking={"log": 1})
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert store.read(0) == [] and svc.position() == 0
-    svc.commit(events=[], emitted=[envelope()], position=1)  # works once the lock is gone
+    svc.commit(events=[], emitted=[envelope()], tracking={"log": 1})  # works once the lock is gone
     assert len(store.read(0)) == 1
     store.close()
 
@@ -78,7 +78,7 @@ WRITER = textwrap.dedent(
     store = open_store(sys.argv[1])
     svc = store.service("alpha")
     for i in range(1, 201):
-        svc.commit(events=[], emitted=[envelope(saga=str(i))], position=i)
+        svc.commit(events=[], emitted=[envelope(saga=str(i))], tracking={"log": i})
         print(i, flush=True)
     signal.pause()
     """
