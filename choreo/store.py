@@ -402,8 +402,9 @@ DEFAULT_URL = "sqlite:///choreo.db"
 def open_store(url: str | None = None, **options: Any) -> EventStore:
     """Open the event store named by `url` (default: `$CHOREO_STORE` or `sqlite:///choreo.db`).
 
-    Understood: `memory://`, `sqlite:///relative.db` and `sqlite:////absolute.db`, with
-    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`.
+    Understood: `memory://`; `sqlite:///relative.db` and `sqlite:////absolute.db`, with
+    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`; and
+    `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.kafka.KafkaSettings`.
     """
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
     parts = urlsplit(url)
@@ -423,4 +424,10 @@ def open_store(url: str | None = None, **options: Any) -> EventStore:
                 raise StoreURLError(f"lock_timeout must be a number of seconds in {url!r}") from None
         path = url[len("sqlite:///") :].split("?", 1)[0]
         return SQLiteStore(path, **{**settings, **options})
-    raise StoreURLError(f"unsupported store URL {url!r}: expected sqlite:///PATH or memory://")
+    if parts.scheme == "kafka":
+        from choreo.kafka import open_kafka
+
+        return open_kafka(url, **options)
+    raise StoreURLError(
+        f"unsupported store URL {url!r}: expected sqlite:///PATH, kafka://HOST:PORT or memory://"
+    )

@@ -61,6 +61,9 @@ def run_demo(
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.remove(path + suffix)
+    if fresh and store_url.startswith("kafka://") and "topic=" not in store_url:
+        sep = "&" if "?" in store_url else "?"
+        store_url += f"{sep}topic=choreo-demo-{uuid4().hex[:8]}"  # its state folder follows the topic
     store = open_store(store_url)
     planned = plan(orders, seed)
     saga_ids = {saga_id for saga_id, *_ in planned}

@@ -8,6 +8,8 @@ import pytest
 from choreo import InMemoryStore, open_store
 from choreo.sqlite import SQLiteStore
 
+pytest_plugins = ["choreo.pytest_plugin"]
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:

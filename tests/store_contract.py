@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from uuid import uuid4
 
@@ -11,7 +12,7 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 
 from choreo import ConcurrencyConflict, Envelope, EventStore
-from choreo.store import DeadLetter
+from choreo.store import DeadLetter, LogStore, advance
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -27,7 +28,17 @@ def stored(agg: object, version: int) -> StoredEvent:
     return StoredEvent(originator_id=agg, originator_version=version, topic="t:T", state=b"{}")  # type: ignore[arg-type]
 
 
+def read_all(store: EventStore) -> list[Envelope]:
+    return [e for batch in store.scan() for e in batch]
+
+
+def bare(e: Envelope) -> Envelope:
+    return replace(e, position=None, source="log")
+
+
 class EventStoreContract:
+    """What every log meets: SQLite, memory and Kafka."""
+
     __test__ = False
 
     def make_store(self) -> EventStore:
@@ -39,40 +50,51 @@ class EventStoreContract:
         yield s
         s.close()
 
-    def test_append_assigns_increasing_positions(self, store: EventStore) -> None:
-        assert store.last_position() == 0
-        positions = store.append([envelope(), envelope()]) + store.append([envelope()])
-        assert positions == sorted(positions) and len(set(positions)) == 3
-        assert [e.position for e in store.read(0)] == positions
-        assert store.last_position() == positions[-1]
+    def test_events_are_read_back_once_each_in_order_per_saga(self, store: EventStore) -> None:
+        sent = [envelope(saga=f"s{i % 3}", payload=f'{{"n":{i}}}') for i in range(12)]
+        store.append(sent[:5])
+        store.append(sent[5:])
+        got = read_all(store)
+        assert sorted(map(bare, got), key=repr) == sorted(sent, key=repr)  # every field round-trips
+        for saga in ("s0", "s1", "s2"):
+            assert [e.event_id for e in got if e.saga_id == saga] == [e.event_id for e in sent if e.saga_id == saga]
+        positions = [(e.source, e.position) for e in got]
+        assert len(set(positions)) == len(got) and all(p and p > 0 for _, p in positions)
 
-    def test_read_after_and_limit(self, store: EventStore) -> None:
-        store.append([envelope(payload=f'{{"n": {i}}}') for i in range(10)])
-        first = store.read(0, 4)
-        rest = store.read(first[-1].position or 0, 100)
-        assert len(first) == 4 and len(rest) == 6
-        assert [e.payload for e in first + rest] == [f'{{"n": {i}}}' for i in range(10)]
+    def test_a_feed_starts_after_its_tracking(self, store: EventStore) -> None:
+        store.append([envelope(saga=f"s{i % 4}") for i in range(10)])
+        everything = read_all(store)
+        done = everything[:4]
+        feed = store.feed("reader", lambda: advance(done), group=False)
+        rest: list[Envelope] = []
+        while got := feed.poll(100, store.idle_timeout):
+            rest += got
+        feed.close()
+        assert sorted(e.event_id for e in rest) == sorted(e.event_id for e in everything[4:])
 
-    def test_envelope_round_trips(self, store: EventStore) -> None:
-        e = envelope()
-        store.append([e])
-        (back,) = store.read(0)
-        assert back.at(0) == e.at(0)
+    def test_poll_waits_for_new_events(self, store: EventStore) -> None:
+        store.append([envelope()])
+        feed = store.feed("reader", dict, group=False)
+        first: list[Envelope] = []
+        while not first:
+            first = feed.poll(10, 1.0)
+        assert feed.poll(10, 0.05) == []
+        threading.Timer(0.1, lambda: store.append([envelope()])).start()
+        started = time.monotonic()
+        got: list[Envelope] = []
+        while not got and time.monotonic() - started < 5.0:
+            got = feed.poll(10, 5.0)
+        feed.close()
+        assert len(got) == 1 and got[0].event_id != first[0].event_id
 
-    def test_duplicate_event_id_is_rejected_and_nothing_written(self, store: EventStore) -> None:
-        e = envelope()
-        store.append([e])
-        with pytest.raises(ConcurrencyConflict):
-            store.append([envelope(), e])
-        assert len(store.read(0)) == 1
-
-    def test_commit_writes_events_emitted_and_position_together(self, store: EventStore) -> None:
+    def test_commit_writes_events_emitted_and_tracking_together(self, store: EventStore) -> None:
         svc = store.service("alpha")
         agg = uuid4()
-        svc.commit(events=[stored(agg, 1), stored(agg, 2)], emitted=[envelope()], tracking={"log": 1})
+        e = envelope()
+        svc.commit(events=[stored(agg, 1), stored(agg, 2)], emitted=[e], tracking={"log": 1})
         assert [s.originator_version for s in svc.load(agg)] == [1, 2]
-        assert svc.position() == 1
-        assert len(store.read(0)) == 1
+        assert svc.tracking() == {"log": 1}
+        assert [x.event_id for x in read_all(store)] == [e.event_id]
 
     def test_commit_conflict_writes_nothing(self, store: EventStore) -> None:
         svc = store.service("alpha")
@@ -80,20 +102,31 @@ class EventStoreContract:
         svc.commit(events=[stored(agg, 1)], emitted=[], tracking={"log": 1})
         with pytest.raises(ConcurrencyConflict):
             svc.commit(events=[stored(uuid4(), 1), stored(agg, 1)], emitted=[envelope()], tracking={"log": 2})
-        assert svc.position() == 1
-        assert store.read(0) == []
+        assert svc.tracking() == {"log": 1}
+        assert read_all(store) == []
         assert len(svc.load(agg)) == 1
 
-    def test_position_cannot_go_back(self, store: EventStore) -> None:
+    def test_tracking_moves_forward_per_source(self, store: EventStore) -> None:
         svc = store.service("alpha")
-        svc.commit(events=[], emitted=[], tracking={"log": 5})
+        svc.commit(events=[], emitted=[], tracking={"t:0": 5, "t:1": 2})
         with pytest.raises(ConcurrencyConflict):
-            svc.commit(events=[], emitted=[envelope()], tracking={"log": 5})
-        assert store.read(0) == [] and svc.position() == 5
+            svc.commit(events=[], emitted=[envelope()], tracking={"t:1": 3, "t:0": 5})
+        assert read_all(store) == [] and svc.tracking() == {"t:0": 5, "t:1": 2}
+        svc.commit(events=[], emitted=[], tracking={"t:1": 3})
+        assert svc.tracking() == {"t:0": 5, "t:1": 3}
 
-    def test_services_have_separate_positions(self, store: EventStore) -> None:
+    def test_services_have_separate_tracking(self, store: EventStore) -> None:
         store.service("alpha").commit(events=[], emitted=[], tracking={"log": 3})
-        assert store.service("beta").position() == 0
+        assert store.service("beta").tracking() == {}
+
+    def test_read_models_track_each_source(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        docs.put({"a": {"n": 1}}, tracking={"t:0": 4})
+        with pytest.raises(ConcurrencyConflict):
+            docs.put({"a": {"n": 2}}, tracking={"t:0": 4})
+        assert docs.get("a") == {"n": 1} and docs.tracking() == {"t:0": 4}
+        docs.clear()
+        assert docs.get("a") is None and docs.tracking() == {}
 
     def test_dead_letters_round_trip(self, store: EventStore) -> None:
         svc = store.service("alpha")
@@ -106,9 +139,27 @@ class EventStoreContract:
         assert back.reason == "bad" and back.envelope == {"k": 1} and back.id is not None
         assert back.first_failed_at == T0
 
-    def test_wait_wakes_on_append(self, store: EventStore) -> None:
-        assert store.wait(0, 0.01) is False
-        threading.Timer(0.05, lambda: store.append([envelope()])).start()
-        started = time.monotonic()
-        assert store.wait(0, 5.0) is True
-        assert time.monotonic() - started < 4.0
+
+class LogStoreContract(EventStoreContract):
+    """What a log with one global order adds (SQLite, memory)."""
+
+    def test_append_assigns_increasing_positions(self, store: LogStore) -> None:  # type: ignore[override]
+        assert store.last_position() == 0
+        positions = store.append([envelope(), envelope()]) + store.append([envelope()])
+        assert positions == sorted(positions) and len(set(positions)) == 3
+        assert [e.position for e in store.read(0)] == positions
+        assert store.last_position() == positions[-1]
+
+    def test_read_after_and_limit(self, store: LogStore) -> None:  # type: ignore[override]
+        store.append([envelope(payload=f'{{"n": {i}}}') for i in range(10)])
+        first = store.read(0, 4)
+        rest = store.read(first[-1].position or 0, 100)
+        assert len(first) == 4 and len(rest) == 6
+        assert [e.payload for e in first + rest] == [f'{{"n": {i}}}' for i in range(10)]
+
+    def test_duplicate_event_id_is_rejected_and_nothing_written(self, store: LogStore) -> None:  # type: ignore[override]
+        e = envelope()
+        store.append([e])
+        with pytest.raises(ConcurrencyConflict):
+            store.append([envelope(), e])
+        assert len(store.read(0)) == 1

@@ -5,17 +5,17 @@ from pathlib import Path
 import pytest
 
 from choreo import EventStore, InMemoryStore, StoreURLError, open_store
-from tests.store_contract import EventStoreContract
+from tests.store_contract import LogStoreContract
 
 
-class TestInMemoryStore(EventStoreContract):
+class TestInMemoryStore(LogStoreContract):
     __test__ = True
 
     def make_store(self) -> EventStore:
         return InMemoryStore()
 
 
-class TestSQLiteStore(EventStoreContract):
+class TestSQLiteStore(LogStoreContract):
     __test__ = True
 
     @pytest.fixture(autouse=True)

@@ -1,0 +1,34 @@
+"""pytest fixtures for testing choreo services against a real Kafka-protocol broker.
+
+Enable them in a `conftest.py` with `pytest_plugins = ["choreo.pytest_plugin"]`:
+
+- `kafka_broker` (session): a tansu broker on a free loopback port, stopped by PID at the end;
+- `kafka_url` (per test): a `kafka://` store URL with its own topic, groups and state folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from choreo.tansu import TansuBroker
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[TansuBroker]:
+    """A tansu broker for the whole test session."""
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def kafka_url(kafka_broker: TansuBroker, tmp_path: Path) -> str:
+    """A Kafka store URL no other test shares (fresh topic, consumer groups and state folder)."""
+    name = uuid4().hex[:12]
+    return (
+        f"kafka://{kafka_broker.bootstrap}?topic=t-{name}&group_prefix=g-{name}.&state={tmp_path}/state"
+        "&session_timeout_ms=3000&heartbeat_interval_ms=1000"
+    )
