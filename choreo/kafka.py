@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from choreo.store import DeadLetter, DocumentStore, EventStore, Feed, ServiceSto
 try:
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.consumer.subscription_state import ConsumerRebalanceListener
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from kafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 except ModuleNotFoundError:  # pragma: no cover - exercised only without the extra
     raise StoreURLError("kafka:// needs kafka-python: pip install 'choreo[kafka]'") from None
 
@@ -157,6 +158,7 @@ class KafkaStore(EventStore):
         while True:
             attempt += 1
             try:
+                self._reachable()
                 admin = KafkaAdminClient(**self._common())
                 try:
                     admin.create_topics(
@@ -175,6 +177,18 @@ class KafkaStore(EventStore):
                     ) from None
                 log.warning("waiting for Kafka at %s (attempt %d): %s", self.settings.servers, attempt, e)
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    def _reachable(self) -> None:
+        """Raise `KafkaConnectionError` unless one bootstrap server accepts a TCP connection."""
+        errors = []
+        for server in self.settings.servers.split(","):
+            host, _, port = server.rpartition(":")
+            try:
+                socket.create_connection((host or "localhost", int(port or 9092)), timeout=2.0).close()
+                return
+            except (OSError, ValueError) as e:
+                errors.append(f"{server}: {e}")
+        raise KafkaConnectionError("; ".join(errors))
 
     def producer(self) -> KafkaProducer:
         """The store's producer: acks from all in-sync replicas, idempotent, order kept per partition."""
@@ -289,7 +303,7 @@ class _KafkaServiceStore(ServiceStore):
         return self.local.last_position() - self.relay.position()
 
 
-class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Assigned(ConsumerRebalanceListener):
     """Seeks newly assigned partitions to the reader's own tracking (the truth for offsets)."""
 
     def __init__(self, feed: _KafkaFeed) -> None:
