@@ -40,6 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
         orders=args.orders,
         seed=args.seed,
         processes=args.processes,
+        external=args.external,
         timeout=args.timeout,
         progress=None if args.json else sys.stderr,
         fresh=not args.keep,
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--orders", type=int, default=300, help="orders to place (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=7, help="seed of the order mix (default: %(default)s)")
     demo.add_argument("--processes", action="store_true", help="run each service in its own process")
+    demo.add_argument("--external", action="store_true",
+                      help="the services already run elsewhere (e.g. docker compose): only place, wait and audit")
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every saga to end")
     demo.add_argument("--keep", action="store_true", help="keep an existing demo database instead of starting afresh")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -229,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # kafka-python logs every failed connection attempt; choreo reports what matters itself
+    logging.getLogger("kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return int(args.func(args))
     except ChoreoError as e:

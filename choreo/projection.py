@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from choreo import clock
-from choreo.errors import EventError
+from choreo.errors import ConcurrencyConflict, EventError
 from choreo.events import Envelope, Outcome, decode_payload
 from choreo.saga import SagaDefinition
 from choreo.store import EventStore, advance
@@ -160,7 +160,11 @@ class SagaProjection:
                 saga = touched.get(saga_id) or self.documents.get(saga_id) or new_saga(saga_id)
                 apply(saga, entry_of(env), self.definitions)
                 touched[saga_id] = saga
-            self.documents.put(touched, tracking=advance(batch))
+            try:
+                self.documents.put(touched, tracking=advance(batch))
+            except ConcurrencyConflict:  # another process updated the read model first
+                self.feed.rewind()
+                continue
             total += len(batch)
             if progress:
                 progress(total, size)

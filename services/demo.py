@@ -51,11 +51,13 @@ def run_demo(
     orders: int = 300,
     seed: int = 7,
     processes: bool = False,
+    external: bool = False,
     timeout: float = 300.0,
     progress: TextIO | None = None,
     fresh: bool = True,
 ) -> dict[str, Any]:
     """Run the example system on `store_url` and return the summary (see `choreo demo --help`)."""
+    fresh = fresh and not external  # never wipe a store that running services use
     if fresh and store_url.startswith("sqlite:///"):
         path = store_url[len("sqlite:///") :].split("?", 1)[0]
         for suffix in ("", "-wal", "-shm"):
@@ -71,7 +73,9 @@ def run_demo(
     runner = None
     started = time.perf_counter()
     try:
-        if processes:
+        if external:
+            pass  # the services run elsewhere, on the same store
+        elif processes:
             workers = [_spawn(target, store_url) for target in TARGETS.values()]
         else:
             runner = Runner(system, store)
@@ -104,7 +108,7 @@ def run_demo(
     states = Counter(s["state"] for s in sagas.values())
     return {
         "store": store_url,
-        "mode": "processes" if processes else "in-process",
+        "mode": "external" if external else "processes" if processes else "in-process",
         "seed": seed,
         "sagas": len(planned),
         "ended": ended,

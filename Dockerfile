@@ -1,0 +1,9 @@
+# The image of the example services: choreo with its Kafka client.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY choreo ./choreo
+COPY services ./services
+RUN pip install --no-cache-dir ".[kafka]"
+ENV CHOREO_STATE=/state
+ENTRYPOINT ["choreo"]

@@ -1,0 +1,47 @@
+"""docker-compose.yml cannot run here (no Docker engine), so check what can be checked without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from choreo import Service
+from choreo.cli import build_parser, load_service
+from services import TARGETS
+
+ROOT = Path(__file__).parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def choreo_services() -> dict[str, dict[str, object]]:
+    return {name: spec for name, spec in COMPOSE["services"].items() if name != "kafka"}
+
+
+def test_kafka_is_the_official_image_in_kraft_mode() -> None:
+    kafka = COMPOSE["services"]["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+
+
+def test_every_example_service_runs_in_its_own_container() -> None:
+    runs = {spec["command"][1]: name for name, spec in choreo_services().items() if spec["command"][0] == "run"}
+    assert sorted(runs) == sorted(TARGETS.values())
+    for target, container in runs.items():
+        service = load_service(target)
+        assert isinstance(service, Service) and service.name == container
+
+
+@pytest.mark.parametrize("name", sorted(choreo_services()))
+def test_every_command_is_a_valid_choreo_command(name: str) -> None:
+    spec = choreo_services()[name]
+    args = build_parser().parse_args(spec["command"])  # argparse exits on an invalid command
+    store = getattr(args, "store", None) or spec["environment"]["CHOREO_STORE"]
+    assert store.startswith("kafka://kafka:9092")
+    assert spec["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_the_image_installs_the_kafka_extra() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert '".[kafka]"' in dockerfile and 'ENTRYPOINT ["choreo"]' in dockerfile
