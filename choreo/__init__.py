@@ -6,6 +6,7 @@ from choreo.aggregates import Aggregate, event
 from choreo.clock import Clock, ManualClock, SystemClock, use_clock
 from choreo.context import Context
 from choreo.errors import (
+    AggregateExists,
     AggregateNotFound,
     ChoreoError,
     ConcurrencyConflict,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregate",
+    "AggregateExists",
     "AggregateNotFound",
     "ChoreoError",
     "Clock",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from choreo import clock
 from choreo.aggregates import Aggregate, aggregate_id, create_with_id
-from choreo.errors import AggregateNotFound, WiringError
+from choreo.errors import AggregateExists, AggregateNotFound, WiringError
 from choreo.events import Envelope, Event
 
 if TYPE_CHECKING:
@@ -54,9 +54,15 @@ class Context:
         return agg
 
     def create(self, cls: type[A], key: object, **kwargs: Any) -> A:
-        """Create the aggregate of `cls` with business key `key` (its `__init__` gets `kwargs`)."""
+        """Create the aggregate of `cls` with business key `key` (its `__init__` gets `kwargs`).
+
+        Raises `AggregateExists` if there is one already.
+        """
         _check_aggregate_class(cls)
-        agg = create_with_id(cls, aggregate_id(cls, key), **kwargs)
+        agg_id = aggregate_id(cls, key)
+        if self._uow.get(agg_id) is not None:
+            raise AggregateExists(f"{self.service}: a {cls.__name__} with key {key!r} already exists")
+        agg = create_with_id(cls, agg_id, **kwargs)
         self._uow.add(agg)
         return agg  # type: ignore[return-value]
 

@@ -53,6 +53,10 @@ class AggregateNotFound(ChoreoError, LookupError):
     """`Context.load()` found no aggregate of that class with that key."""
 
 
+class AggregateExists(ChoreoError):
+    """`ctx.create()` was asked for an aggregate whose business key is taken."""
+
+
 class StoreError(ChoreoError, OSError):
     """The event store cannot be opened or used."""
 

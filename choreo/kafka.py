@@ -141,7 +141,7 @@ class KafkaStore(EventStore):
         self.url = f"kafka://{settings.servers}?topic={settings.topic}"
         self.topic = settings.topic
         self._guard = threading.Lock()
-        self._local: dict[str, SQLiteStore] = {}
+        self._local: dict[tuple[str, str], SQLiteStore] = {}
         self._producer: KafkaProducer | None = None
         os.makedirs(settings.state, exist_ok=True)
         self._connect()
@@ -230,14 +230,15 @@ class KafkaStore(EventStore):
     def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
         return _KafkaFeed(self, self.settings.group_prefix + reader if group else None, tracking)
 
-    def local(self, file: str) -> SQLiteStore:
-        """The SQLite store in `STATE/file` (opened once)."""
+    def local(self, file: str, durability: str | None = None) -> SQLiteStore:
+        """The SQLite store in `STATE/file` (opened once per durability)."""
+        durability = durability or self.settings.durability
         with self._guard:
-            if file not in self._local:
-                self._local[file] = SQLiteStore(
-                    os.path.join(self.settings.state, file), durability=self.settings.durability, dedupe=True
+            if (file, durability) not in self._local:
+                self._local[file, durability] = SQLiteStore(
+                    os.path.join(self.settings.state, file), durability=durability, dedupe=True
                 )
-            return self._local[file]
+            return self._local[file, durability]
 
     def service(self, name: str) -> ServiceStore:
         check_service_name(name)
@@ -265,7 +266,9 @@ class _KafkaServiceStore(ServiceStore):
         self.name = name
         self.local = kafka.local(f"svc-{name}.db")
         self.inner = self.local.service(name)
-        self.relay = self.local.documents("outbox_relay")
+        # what Kafka acknowledged: written without fsync (losing a mark only means sending again)
+        self.relay = kafka.local(f"svc-{name}.db", durability="normal").documents("outbox_relay")
+        self._unsent = True  # unknown until the first flush looks
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         return self.inner.load(aggregate_id)
@@ -290,13 +293,17 @@ class _KafkaServiceStore(ServiceStore):
     ) -> None:
         self.inner.commit(events=events, emitted=emitted, tracking=tracking, parked=parked, handled=handled)
         if emitted:
+            self._unsent = True
             self.flush()
 
     def flush(self) -> None:
         """Publish the outbox to Kafka, then mark what the broker acknowledged."""
+        if not self._unsent:
+            return
         while pending := self.local.read(self.relay.position(), 1000):
             self.kafka.publish(pending)
             self.relay.put({}, tracking={"log": pending[-1].position or 0})
+        self._unsent = False
 
     def pending(self) -> int:
         """How many emitted events are not yet acknowledged by Kafka."""

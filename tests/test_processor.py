@@ -184,3 +184,17 @@ def test_a_handler_that_keeps_failing_is_parked_after_its_retries(any_store: Eve
 
 def test_the_example_system_is_wired() -> None:
     assert set(services.system.step_owners) == set(services.ORDER_SAGA.steps)
+
+
+def test_creating_an_aggregate_whose_key_is_taken_is_parked_with_a_clear_reason(any_store: EventStore) -> None:
+    from choreo import RetryPolicy
+    from services import orders
+
+    first = envelope_of(PLACED, service="orders")
+    again = Envelope(**{**first.to_dict(), "event_id": "other", "saga_id": "saga-2", "payload": first.payload,
+                        "occurred_at": T0, "position": None, "source": "log"})
+    any_store.append([first, again])  # two sagas place the same order id
+    Processor(orders.service, any_store, retry=RetryPolicy(max_attempts=2, base_delay=0.001)).run_until_idle()
+    (parked,) = any_store.service("orders").dead_letters()
+    assert parked.saga_id == "saga-2" and "AggregateExists" in parked.reason
+    assert "a Order with key 'o-1' already exists" in parked.reason
