@@ -26,7 +26,9 @@ from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import Runner, run_service
 from choreo.saga import SagaDefinition
 from choreo.service import Service
-from choreo.store import DeadLetter, DocumentStore, EventStore, InMemoryStore, ServiceStore, open_store
+from choreo.store import (
+    DeadLetter, DocumentStore, EventStore, Feed, InMemoryStore, LogStore, ServiceStore, open_store,
+)
 from choreo.system import System
 
 __version__ = "0.1.0"
@@ -45,8 +47,10 @@ __all__ = [
     "Event",
     "EventError",
     "EventStore",
+    "Feed",
     "EventValidationError",
     "InMemoryStore",
+    "LogStore",
     "ManualClock",
     "Outcome",
     "Processor",
