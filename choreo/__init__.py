@@ -21,7 +21,8 @@ from choreo.errors import (
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepSkipped
-from choreo.processor import Processor, RetryPolicy
+from choreo.processor import Processor
+from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import Runner, run_service
 from choreo.saga import SagaDefinition

@@ -10,6 +10,7 @@ from eventsourcing.persistence import Mapper, StoredEvent
 
 from choreo import clock
 from choreo.aggregates import Aggregate
+from choreo.deadlines import Deadline
 from choreo.events import Envelope, Event, encode_payload
 from choreo.store import ServiceStore
 
@@ -53,6 +54,7 @@ class UnitOfWork:
         self.cache = cache
         self.aggregates: dict[UUID, Aggregate | None] = {}
         self.emitted: list[Envelope] = []
+        self.deadlines: list[Deadline] = []
         self._emit_counts: dict[str, int] = {}
 
     def get(self, agg_id: UUID) -> Aggregate | None:
@@ -75,12 +77,19 @@ class UnitOfWork:
         *,
         step: str | None = None,
         outcome: str | None = None,
+        tag: str | None = None,
     ) -> Envelope:
-        """Record an event emitted because of `cause`, with inherited saga and causation."""
-        n = self._emit_counts.get(cause.event_id, 0)
-        self._emit_counts[cause.event_id] = n + 1
+        """Record an event emitted because of `cause`, with inherited saga and causation.
+
+        Its id is derived from the cause and the service (and `tag`, for choreo's own
+        events), so a handler that runs again emits the same ids.
+        """
+        if tag is None:
+            n = self._emit_counts.get(cause.event_id, 0)
+            self._emit_counts[cause.event_id] = n + 1
+            tag = str(n)
         env = Envelope(
-            event_id=str(uuid5(_EVENT_NAMESPACE, f"{cause.event_id}/{self.service_name}/{n}")),
+            event_id=str(uuid5(_EVENT_NAMESPACE, f"{cause.event_id}/{self.service_name}/{tag}")),
             type=event.event_type,
             version=event.schema_version,
             saga_id=cause.saga_id,

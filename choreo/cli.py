@@ -16,7 +16,7 @@ from typing import Any
 from choreo._render import render_mermaid, render_saga
 from choreo.errors import ChoreoError
 from choreo.projection import STATES, SagaFilter, SagaProjection
-from choreo.processor import RetryPolicy
+from choreo.retry import RetryPolicy
 from choreo.runner import run_service
 from choreo.saga import SagaDefinition
 from choreo.service import Service

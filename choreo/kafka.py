@@ -31,6 +31,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from choreo.deadlines import Deadline
 from choreo.errors import StoreError, StoreURLError
 from choreo.events import Envelope
 from choreo.sqlite import SQLiteStore
@@ -282,6 +283,9 @@ class _KafkaServiceStore(ServiceStore):
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         return self.inner.dead_letters(status)
 
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        return self.inner.due_deadlines(now, limit)
+
     def commit(
         self,
         *,
@@ -290,8 +294,11 @@ class _KafkaServiceStore(ServiceStore):
         tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
         handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
     ) -> None:
-        self.inner.commit(events=events, emitted=emitted, tracking=tracking, parked=parked, handled=handled)
+        self.inner.commit(events=events, emitted=emitted, tracking=tracking, parked=parked, handled=handled,
+                          updated=updated, deadlines=deadlines)
         if emitted:
             self._unsent = True
             self.flush()

@@ -11,12 +11,13 @@ service are held behind it, while other sagas keep flowing (guarantee 6).
 
 from __future__ import annotations
 
+import json
 import logging
-import random
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
+from datetime import datetime
 
 from choreo import clock
 from choreo._participation import Participation, participation_id
@@ -26,22 +27,14 @@ from choreo.context import Context
 from choreo.errors import ConcurrencyConflict, EventError, StepFailed, WiringError
 from choreo.events import Envelope, Event, Outcome, StepSkipped, decode_payload, is_known_type
 from choreo.service import Handler, Service
+from choreo.deadlines import CANCELLED, FIRED, SCHEDULED, Deadline, deadline_id
+from choreo.operations import (
+    OPERATOR_COMMANDS, DeadLetterResolved, EventParked, HandlerRetried, RetryRequested, SkipRequested,
+)
+from choreo.retry import RetryPolicy
 from choreo.store import DeadLetter, EventStore, advance
 
 log = logging.getLogger("choreo")
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how patiently a failing handler is retried before its event is parked."""
-
-    max_attempts: int = 3
-    base_delay: float = 0.05
-    max_delay: float = 2.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (exponential, with full jitter)."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
 
 class _Park(Exception):
@@ -86,6 +79,7 @@ class Processor:
         With `timeout`, wait up to that many seconds for new events when there are none.
         """
         self.own.flush()
+        self._fire_due_deadlines()
         batch = self.feed.poll(self.batch_size, timeout)
         if not batch:
             return 0
@@ -131,35 +125,57 @@ class Processor:
     def _relevant(self, env: Envelope) -> bool:
         if env.type in self._types or (self._has_steps and env.outcome == Outcome.FAILED):
             return True
+        if env.type in OPERATOR_COMMANDS:
+            return self._command_target(env) == self.service.name
         return env.malformed is not None or not is_known_type(env.type)  # parked, never dropped
+
+    @staticmethod
+    def _command_target(env: Envelope) -> str | None:
+        try:
+            return str(json.loads(env.payload).get("service"))
+        except (ValueError, AttributeError):
+            return None
 
     def _process(self, batch: Sequence[Envelope]) -> None:
         start = 0
         while start < len(batch):
             uow = self._new_uow()
-            failed_at = None
+            stop, failed = None, False
             for i in range(start, len(batch)):
+                if batch[i].type in OPERATOR_COMMANDS and self._relevant(batch[i]):
+                    stop = i
+                    break
                 try:
                     self._handle(batch[i], uow)
                 except Exception:
-                    failed_at = i
+                    stop, failed = i, True
                     break
-            if failed_at is None:
+            if stop is None:
                 self._commit(uow, batch[start:])
                 return
-            uow.discard()
-            if failed_at > start:  # commit the good prefix, then the bad event alone
+            if failed:  # commit the good prefix again without the bad event, then the bad event alone
+                uow.discard()
                 uow = self._new_uow()
-                for env in batch[start:failed_at]:
+                for env in batch[start:stop]:
                     self._handle(env, uow)
-                self._commit(uow, batch[start:failed_at])
-            self._handle_alone(batch[failed_at])
-            start = failed_at + 1
+            if stop > start:
+                self._commit(uow, batch[start:stop])
+            if failed:
+                self._handle_alone(batch[stop])
+            else:
+                self._operate(batch[stop])
+            start = stop + 1
 
     def _new_uow(self) -> UnitOfWork:
         return UnitOfWork(self.service.name, self.own, self.mapper, self.cache)
 
-    def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = ()) -> None:
+    def _commit(
+        self,
+        uow: UnitOfWork,
+        done: Sequence[Envelope],
+        parked: Sequence[DeadLetter] = (),
+        updated: Sequence[DeadLetter] = (),
+    ) -> None:
         reached = advance(done)
         handled = [e.event_id for e in done if self._relevant(e)]
         try:
@@ -169,6 +185,8 @@ class Processor:
                 tracking=reached,
                 parked=parked,
                 handled=list(dict.fromkeys(handled)),
+                updated=updated,
+                deadlines=uow.deadlines,
             )
         except BaseException:
             uow.discard()
@@ -178,10 +196,15 @@ class Processor:
         for d in parked:
             self.held.add(d.saga_id)
 
-    def _handle_alone(self, env: Envelope) -> None:
-        """Handle one event with retries; park it if it still fails."""
-        first_failed = clock.now()
-        attempts = 0
+    def _handle_alone(self, env: Envelope, letter: DeadLetter | None = None) -> bool:
+        """Handle one event, retrying transient errors; park it if it still fails.
+
+        With `letter`, the event is a parked one run again: success resolves the letter,
+        failure leaves it parked with its attempts counted. Returns whether it was handled.
+        """
+        policy = self.service.retry_policy(env.type) or self.retry
+        first_failed = letter.first_failed_at if letter else clock.now()
+        attempts, last_error = 0, ""
         while True:
             attempts += 1
             uow = self._new_uow()
@@ -189,19 +212,47 @@ class Processor:
                 self._handle(env, uow)
             except _Park as p:
                 uow.discard()
-                return self._park(env, p.reason, p.error, attempts, first_failed)
+                self._park(env, p.reason, p.error, attempts, first_failed, letter)
+                return False
             except Exception as e:
                 uow.discard()
-                if attempts >= self.retry.max_attempts:
-                    reason = f"handler failed {attempts} times: {type(e).__name__}: {e}"
-                    return self._park(env, reason, traceback.format_exc(), attempts, first_failed)
-                time.sleep(self.retry.delay(attempts))
+                if attempts >= policy.max_attempts or not policy.is_transient(e):
+                    why = "failed" if policy.is_transient(e) else "failed with a non-transient error"
+                    reason = f"handler {why} {attempts} time(s): {type(e).__name__}: {e}"
+                    self._park(env, reason, traceback.format_exc(), attempts, first_failed, letter)
+                    return False
+                last_error = f"{type(e).__name__}: {e}"
+                time.sleep(policy.delay(attempts))
                 continue
-            self._commit(uow, [env])
-            return None
+            if attempts > 1:
+                uow.emit(HandlerRetried(of_event_id=env.event_id, handled_type=env.type, attempts=attempts,
+                                        last_error=last_error), env, step=self._step_of(env), tag="retried")
+            if letter is None:
+                self._commit(uow, [env])
+            else:
+                self._resolve(uow, letter, env, "retried", "")
+            return True
 
-    def _park(self, env: Envelope, reason: str, error: str, attempts: int, first: object) -> None:
-        log.error("%s: parked event %s at position %s: %s", self.service.name, env.event_id, env.position, reason)
+    def _resolve(self, uow: UnitOfWork, letter: DeadLetter, env: Envelope, status: str, reason: str) -> None:
+        resolved = DeadLetterResolved(of_event_id=letter.event_id, dead_letter_id=letter.id or 0,
+                                      status=status, reason=reason)
+        uow.emit(resolved, env, tag=f"resolved-{letter.id}")
+        self._commit(uow, [], updated=[replace(letter, status=status)])
+
+    def _step_of(self, env: Envelope) -> str | None:
+        return next((h.step for h in self.service.handlers.get(env.type, ()) if h.kind == "step"), None)
+
+    def _park(
+        self, env: Envelope, reason: str, error: str, attempts: int, first: datetime, letter: DeadLetter | None
+    ) -> None:
+        log.error("%s: parked event %s (%s %s): %s", self.service.name, env.event_id, env.source, env.position, reason)
+        uow = self._new_uow()
+        if letter is not None:  # still failing: count the attempts, keep it parked
+            again = replace(letter, attempts=letter.attempts + attempts, reason=reason, error=error,
+                            last_failed_at=clock.now())
+            self._commit(uow, [], updated=[again])
+            self.held.add(env.saga_id)
+            return
         dead = DeadLetter(
             service=self.service.name,
             position=env.position or 0,
@@ -211,11 +262,87 @@ class Processor:
             reason=reason,
             error=error,
             attempts=attempts,
-            first_failed_at=first,  # type: ignore[arg-type]
+            first_failed_at=first,
             last_failed_at=clock.now(),
             envelope=_raw(env),
         )
-        self._commit(self._new_uow(), [env], parked=[dead])
+        parked = EventParked(of_event_id=env.event_id, handled_type=env.type, reason=reason, attempts=attempts)
+        uow.emit(parked, env, step=self._step_of(env), tag="parked")
+        self._commit(uow, [env], parked=[dead])
+
+    # -- operator commands and deadlines --------------------------------------------------
+    def _operate(self, env: Envelope) -> None:
+        """Carry out an operator's retry or skip of a parked event, then release what waited behind it."""
+        command = decode_payload(env.type, env.version, env.payload)
+        assert isinstance(command, (RetryRequested, SkipRequested))
+        letters = self.own.dead_letters("parked")
+        target = next((d for d in letters if d.id == command.dead_letter_id), None)
+        if target is None:
+            log.warning("%s: %s names dead letter %s, which is not parked here", self.service.name,
+                        env.type, command.dead_letter_id)
+        else:
+            queue = [d for d in letters if d.saga_id == target.saga_id and (d.id or 0) >= (target.id or 0)]
+            self.held.discard(target.saga_id)
+            if isinstance(command, SkipRequested):
+                self._resolve(self._new_uow(), target, env, "skipped", command.reason)
+                queue = queue[1:]
+            for d in queue:
+                if not self._handle_alone(_envelope_of(d), letter=d):
+                    break
+            if any(d.saga_id == target.saga_id for d in self.own.dead_letters("parked")):
+                self.held.add(target.saga_id)
+        self._commit(self._new_uow(), [env])
+
+    def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
+        for spec in self.service.deadlines.values():
+            timer_id = deadline_id(self.service.name, env.saga_id, spec.name)
+            if env.type == spec.start_on.event_type:
+                uow.deadlines.append(Deadline(
+                    id=timer_id, service=self.service.name, name=spec.name, saga_id=env.saga_id,
+                    due_at=clock.now() + spec.after, status=SCHEDULED, cause_event_id=env.event_id,
+                    cause_type=env.type, cause_version=env.version, cause_payload=env.payload,
+                ))
+            elif env.type in {e.event_type for e in spec.cancel_on}:
+                uow.deadlines.append(Deadline(
+                    id=timer_id, service=self.service.name, name=spec.name, saga_id=env.saga_id,
+                    due_at=clock.now(), status=CANCELLED, cause_event_id=env.event_id,
+                ))
+
+    def _fire_due_deadlines(self) -> None:
+        """Emit the event of every deadline that is due, each in its own transaction with its `fired` mark."""
+        if not self.service.deadlines:
+            return
+        for timer in self.own.due_deadlines(clock.now()):
+            spec = self.service.deadlines.get(timer.name)
+            if spec is None:
+                continue  # a deadline this version of the service no longer declares
+            cause = Envelope(
+                event_id=timer.cause_event_id, type=timer.cause_type, version=timer.cause_version,
+                saga_id=timer.saga_id, causation_id=None, service=self.service.name, step=None, outcome=None,
+                occurred_at=clock.now(), payload=timer.cause_payload,
+            )
+            uow = self._new_uow()
+            try:
+                start_event = decode_payload(cause.type, cause.version, cause.payload)
+                ctx = Context(uow, cause)
+                outs = _as_events(spec.fn, spec.fn(start_event, ctx))
+                for i, out in enumerate([*outs, *ctx.extra]):
+                    fails = spec.fails_saga and i == 0
+                    expired = uow.emit(out, cause, outcome=Outcome.FAILED if fails else None,
+                                       tag=f"deadline-{timer.id}-{i}")
+                    if fails and self._has_steps:
+                        part = self._participation(uow, timer.saga_id)
+                        if not part.saga_failed:
+                            part.failure_seen(expired.event_id)
+                            self._compensate(part, expired, uow)
+                uow.deadlines.append(replace(timer, status=FIRED))
+                self._commit(uow, [])
+            except ConcurrencyConflict:
+                uow.discard()  # another replica fired it
+            except Exception:
+                uow.discard()
+                log.exception("%s: deadline %s of saga %s failed; will try again", self.service.name,
+                              timer.name, timer.saga_id)
 
     # -- one event ---------------------------------------------------------------------
     def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
@@ -241,6 +368,8 @@ class Processor:
                 self._run_step(handler, event, env, uow)
             else:
                 self._run_plain(handler, event, env, uow)
+        if self.service.deadlines:
+            self._schedule(env, uow)
 
     def _participation(self, uow: UnitOfWork, saga_id: str) -> Participation:
         pid = participation_id(self.service.name, saga_id)
@@ -303,14 +432,22 @@ class Processor:
                 uow.emit(out, cause, step=step if i == 0 else None, outcome=Outcome.COMPENSATED if i == 0 else None)
 
 
-def _as_events(handler: Handler, result: object) -> list[Event]:
+def _as_events(handler: object, result: object) -> list[Event]:
     if result is None:
         return []
     items = list(result) if isinstance(result, (list, tuple)) else [result]
     for item in items:
         if not isinstance(item, Event):
-            raise WiringError(f"{handler.name} returned {item!r}, which is not an Event")
+            name = getattr(handler, "name", None) or getattr(handler, "__qualname__", repr(handler))
+            raise WiringError(f"{name} returned {item!r}, which is not an Event")
     return items  # type: ignore[return-value]
+
+
+def _envelope_of(letter: DeadLetter) -> Envelope:
+    """The envelope a dead letter keeps (as `_raw` wrote it)."""
+    raw = dict(letter.envelope)
+    raw["occurred_at"] = datetime.fromisoformat(str(raw["occurred_at"]))
+    return Envelope(**{k: v for k, v in raw.items() if k in Envelope.__dataclass_fields__})
 
 
 def _raw(env: Envelope) -> dict[str, object]:

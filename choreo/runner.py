@@ -11,7 +11,8 @@ from types import FrameType
 
 from choreo.errors import StoreError
 from choreo.events import Event
-from choreo.processor import Processor, RetryPolicy
+from choreo.processor import Processor
+from choreo.retry import RetryPolicy
 from choreo.service import Service
 from choreo.store import EventStore
 from choreo.system import System

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
+from choreo.deadlines import DeadlineSpec
 from choreo.errors import WiringError
 from choreo.events import Event, is_event_class
+from choreo.retry import RetryPolicy
 from choreo.store import check_service_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -21,6 +24,7 @@ class Handler:
     fn: Callable[..., Any]
     event_type: type[Event] | None
     step: str | None = None
+    retry: RetryPolicy | None = None
 
     @property
     def name(self) -> str:
@@ -31,27 +35,35 @@ class Handler:
 class Service:
     """A named service: its handlers, the saga steps it owns and their compensations."""
 
-    def __init__(self, name: str, *, starts: tuple[type[Event], ...] | list[type[Event]] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        starts: tuple[type[Event], ...] | list[type[Event]] = (),
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.name = check_service_name(name)
         self.handlers: dict[str, list[Handler]] = {}
         self.steps: dict[str, Handler] = {}
         self.compensations: dict[str, Handler] = {}
+        self.deadlines: dict[str, DeadlineSpec] = {}
         self.starts: tuple[type[Event], ...] = tuple(_event_class(self.name, e, "starts") for e in starts)
+        self.retry = retry
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
 
-    def on(self, event_type: type[Event]) -> Callable[[F], F]:
+    def on(self, event_type: type[Event], *, retry: RetryPolicy | None = None) -> Callable[[F], F]:
         """Register `fn(event, ctx)` to run on every `event_type`; it may return events to emit."""
         cls = _event_class(self.name, event_type, "on")
 
         def register(fn: F) -> F:
-            self._add(Handler("on", fn, cls))
+            self._add(Handler("on", fn, cls, retry=retry))
             return fn
 
         return register
 
-    def step(self, name: str, *, on: type[Event]) -> Callable[[F], F]:
+    def step(self, name: str, *, on: type[Event], retry: RetryPolicy | None = None) -> Callable[[F], F]:
         """Register the saga step `name`, run on `on`; it returns the step's completion event.
 
         It raises `StepFailed(event)` to fail the step, which starts compensation.
@@ -66,7 +78,7 @@ class Service:
                     f"service {self.name!r}: step {name!r} is registered twice "
                     f"({self.steps[name].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            handler = Handler("step", fn, cls, name)
+            handler = Handler("step", fn, cls, name, retry)
             self.steps[name] = handler
             self._add(handler)
             return fn
@@ -87,6 +99,39 @@ class Service:
 
         return register
 
+    def deadline(
+        self,
+        name: str,
+        *,
+        start_on: type[Event],
+        cancel_on: tuple[type[Event], ...] | list[type[Event]] = (),
+        after: timedelta,
+        fails_saga: bool = True,
+    ) -> Callable[[F], F]:
+        """Register `fn(start_event, ctx)`, run once if `after` passes between `start_on` and any `cancel_on`.
+
+        It returns the event to emit; with `fails_saga` (the default) that event fails the
+        saga, so every participant compensates. Deadlines are stored, so they survive
+        restarts, and they follow choreo's clock.
+        """
+        start = _event_class(self.name, start_on, f"deadline {name!r}")
+        cancel = tuple(_event_class(self.name, e, f"deadline {name!r}") for e in cancel_on)
+        if name in self.deadlines:
+            raise WiringError(f"service {self.name!r}: deadline {name!r} is declared twice")
+
+        def register(fn: F) -> F:
+            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, fn, fails_saga)
+            return fn
+
+        return register
+
+    def retry_policy(self, event_type: str) -> RetryPolicy | None:
+        """The retry policy for events of `event_type`: the handler's, else the service's."""
+        for handler in self.handlers.get(event_type, ()):
+            if handler.retry is not None:
+                return handler.retry
+        return self.retry
+
     def _add(self, handler: Handler) -> None:
         assert handler.event_type is not None
         self.handlers.setdefault(handler.event_type.event_type, []).append(handler)
@@ -102,8 +147,9 @@ class Service:
 
     @property
     def subscribed_types(self) -> frozenset[str]:
-        """Type names of the events this service handles."""
-        return frozenset(self.handlers)
+        """Type names of the events this service handles (or that start or cancel its deadlines)."""
+        timers = {e.event_type for d in self.deadlines.values() for e in (d.start_on, *d.cancel_on)}
+        return frozenset(self.handlers) | timers
 
 
 def _event_class(service: str, obj: object, where: str) -> type[Event]:

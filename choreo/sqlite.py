@@ -32,6 +32,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
+from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
 from choreo.events import Envelope
 from choreo.store import (
@@ -71,6 +72,11 @@ CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
     envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked');
 CREATE TABLE IF NOT EXISTS svc_{name}_handled (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, saga_id TEXT NOT NULL, due_at TEXT NOT NULL,
+    status TEXT NOT NULL, cause_event_id TEXT NOT NULL, cause_type TEXT NOT NULL,
+    cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 """
 _DOCUMENT_SCHEMA = """
 CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
@@ -285,6 +291,7 @@ class _SQLiteServiceStore(ServiceStore):
         self._tracking = f"svc_{name}_tracking"
         self._dead = f"svc_{name}_dead_letters"
         self._handled = f"svc_{name}_handled"
+        self._deadlines = f"svc_{name}_deadlines"
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         rows = self.store._query(
@@ -312,6 +319,8 @@ class _SQLiteServiceStore(ServiceStore):
         tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
         handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
     ) -> None:
         with self.store._write() as c:
             if events:
@@ -335,9 +344,47 @@ class _SQLiteServiceStore(ServiceStore):
                         json.dumps(d.envelope), d.status,
                     ),
                 )
+            for d in updated:
+                c.c.execute(
+                    f"UPDATE {self._dead} SET status = ?, reason = ?, error = ?, attempts = ?, "
+                    "last_failed_at = ? WHERE id = ?",
+                    (d.status, d.reason, d.error, d.attempts, d.last_failed_at.isoformat(), d.id),
+                )
+            for t in deadlines:
+                self._deadline(c, t)
             if handled and self.store.dedupe:
                 c.c.executemany(f"INSERT INTO {self._handled} VALUES (?)", [(i,) for i in handled])
             c.track(self._tracking, tracking, self.name)
+
+    def _deadline(self, c: _Cursor, t: Deadline) -> None:
+        row = (t.id, t.name, t.saga_id, t.due_at.astimezone(timezone.utc).isoformat(), t.status, t.cause_event_id,
+               t.cause_type, t.cause_version, t.cause_payload)
+        if t.status == SCHEDULED:
+            c.c.execute(f"INSERT OR IGNORE INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?)", row)
+        elif t.status == CANCELLED:
+            c.c.execute(
+                f"INSERT INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) "
+                f"DO UPDATE SET status = 'cancelled' WHERE {self._deadlines}.status = 'scheduled'", row,
+            )
+        else:
+            c.c.execute(
+                f"UPDATE {self._deadlines} SET status = ? WHERE id = ? AND status = 'scheduled'", (t.status, t.id)
+            )
+            if c.c.rowcount != 1:
+                raise ConcurrencyConflict(f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled")
+
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        rows = self.store._query(
+            f"SELECT id, name, saga_id, due_at, status, cause_event_id, cause_type, cause_version, "
+            f"cause_payload FROM {self._deadlines} WHERE status = 'scheduled' AND due_at <= ? "
+            "ORDER BY due_at, id LIMIT ?",
+            (now.astimezone(timezone.utc).isoformat(), limit),
+        )
+        return [
+            Deadline(id=r[0], service=self.name, name=r[1], saga_id=r[2], due_at=_time(r[3]), status=r[4],
+                     cause_event_id=r[5], cause_type=r[6], cause_version=r[7], cause_payload=r[8])
+            for r in rows
+        ]
 
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         sql = (

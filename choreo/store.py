@@ -23,6 +23,7 @@ from uuid import UUID, uuid4
 
 from eventsourcing.persistence import StoredEvent
 
+from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, StoreURLError, WiringError
 from choreo.events import Envelope
 
@@ -98,12 +99,22 @@ class ServiceStore(ABC):
         tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
         handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
     ) -> None:
-        """Atomically record aggregate events, emitted events, parked events, handled ids and tracking.
+        """Atomically record aggregate events, emitted events, dead letters, deadlines, handled ids and tracking.
 
-        Raises `ConcurrencyConflict` if an aggregate version was already recorded or a
-        tracked position would not move forward; then nothing is written.
+        `parked` are new dead letters; `updated` are existing ones (by id) with a new
+        status or attempt count. A deadline `scheduled` is added unless one with its id
+        exists; `cancelled` cancels a scheduled one (or pre-empts it); `fired` marks a
+        scheduled one fired. Raises `ConcurrencyConflict` if an aggregate version was
+        already recorded, a tracked position would not move forward, or a deadline was
+        fired already; then nothing is written.
         """
+
+    @abstractmethod
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        """Return scheduled deadlines due at `now`, earliest first."""
 
     def seen(self, event_ids: Sequence[str]) -> set[str]:
         """Return those of `event_ids` this service already handled.
@@ -343,6 +354,7 @@ class _InMemoryServiceStore(ServiceStore):
         self.name = name
         self._events: dict[UUID, list[StoredEvent]] = {}
         self._tracking: Tracking = {}
+        self._deadlines: dict[str, Deadline] = {}
         self._dead: list[DeadLetter] = []
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
@@ -360,9 +372,12 @@ class _InMemoryServiceStore(ServiceStore):
         tracking: Mapping[str, int],
         parked: Sequence[DeadLetter] = (),
         handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
     ) -> None:
         with self.store._changed:
             reached = forward(self._tracking, tracking, self.name)
+            timers = merge_deadlines(self._deadlines, deadlines, self.name)
             latest: dict[UUID, int] = {}
             for e in events:
                 agg_id = e.originator_id
@@ -382,6 +397,10 @@ class _InMemoryServiceStore(ServiceStore):
                 self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
             for i, d in enumerate(parked, start=len(self._dead) + 1):
                 self._dead.append(_with_id(d, i))
+            for d in updated:
+                assert d.id is not None
+                self._dead[d.id - 1] = d
+            self._deadlines = timers
             self._tracking = reached
             if emitted:
                 self.store._append(emitted)
@@ -390,6 +409,28 @@ class _InMemoryServiceStore(ServiceStore):
 
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         return [d for d in self._dead if status is None or d.status == status]
+
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        with self.store._changed:
+            due = [d for d in self._deadlines.values() if d.status == SCHEDULED and d.due_at <= now]
+        return sorted(due, key=lambda d: (d.due_at, d.id))[:limit]
+
+
+def merge_deadlines(have: dict[str, Deadline], changes: Sequence[Deadline], owner: str) -> dict[str, Deadline]:
+    """Return `have` with `changes` applied by the rules of `ServiceStore.commit()`."""
+    out = dict(have)
+    for d in changes:
+        old = out.get(d.id)
+        if d.status == SCHEDULED:
+            out.setdefault(d.id, d)
+        elif d.status == CANCELLED:
+            if old is None or old.status == SCHEDULED:
+                out[d.id] = d
+        elif old is None or old.status != SCHEDULED:
+            raise ConcurrencyConflict(f"{owner}: deadline {d.name} of saga {d.saga_id} is not scheduled")
+        else:
+            out[d.id] = d
+    return out
 
 
 def _with_id(d: DeadLetter, i: int) -> DeadLetter:

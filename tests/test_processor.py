@@ -38,8 +38,12 @@ def failure() -> Envelope:
     return envelope_of(DECLINED, service="payment", outcome="failed", step="process_payment")
 
 
+NOTES = {"choreo.EventParked", "choreo.HandlerRetried", "choreo.DeadLetterResolved"}
+
+
 def types(store: EventStore, service: str) -> list[str]:
-    return [e.type for e in store.read(0, 10_000) if e.service == service]
+    """The types of the events `service` emitted, without choreo's notes about retries and parking."""
+    return [e.type for e in store.read(0, 10_000) if e.service == service and e.type not in NOTES]
 
 
 def stock(store: EventStore) -> int | None:
@@ -165,6 +169,8 @@ def test_undecodable_events_are_parked_and_other_sagas_flow(any_store: EventStor
     assert parked[1].reason.startswith("held behind")
     assert "unknown event type 'NoSuchEvent'" in parked[2].reason  # it may be meant for it: parked, not dropped
     assert types(any_store, "inventory") == ["ItemsReserved"]  # the good saga went on
+    notes = [e for e in any_store.read(0, 100) if e.type == "choreo.EventParked"]
+    assert [(n.saga_id, n.causation_id) for n in notes] == [("poisoned", "bad-1"), ("poisoned", "bad-2"), ("other", "u-1")]
 
 
 def test_a_handler_that_keeps_failing_is_parked_after_its_retries(any_store: EventStore, monkeypatch) -> None:  # type: ignore[no-untyped-def]
