@@ -21,6 +21,7 @@ from choreo.errors import (
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepSkipped
+from choreo.operations import CompensationForced
 from choreo.processor import Processor
 from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
@@ -40,6 +41,7 @@ __all__ = [
     "AggregateNotFound",
     "ChoreoError",
     "Clock",
+    "CompensationForced",
     "ConcurrencyConflict",
     "Context",
     "DeadLetter",

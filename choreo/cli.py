@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from choreo._dlq_cli import add_dlq_commands
 from choreo._render import render_mermaid, render_saga
 from choreo.errors import ChoreoError
 from choreo.projection import STATES, SagaFilter, SagaProjection
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
     project.add_argument("--system", default="services:system", help="MODULE:SYSTEM with saga definitions")
     project.set_defaults(func=_project)
+
+    add_dlq_commands(sub, _load)
     return parser
 
 

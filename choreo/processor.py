@@ -140,15 +140,15 @@ class Processor:
         start = 0
         while start < len(batch):
             uow = self._new_uow()
-            stop, failed = None, False
+            stop, failed, error = None, False, None
             for i in range(start, len(batch)):
                 if batch[i].type in OPERATOR_COMMANDS and self._relevant(batch[i]):
                     stop = i
                     break
                 try:
                     self._handle(batch[i], uow)
-                except Exception:
-                    stop, failed = i, True
+                except Exception as e:
+                    stop, failed, error = i, True, e
                     break
             if stop is None:
                 self._commit(uow, batch[start:])
@@ -161,7 +161,7 @@ class Processor:
             if stop > start:
                 self._commit(uow, batch[start:stop])
             if failed:
-                self._handle_alone(batch[stop])
+                self._handle_alone(batch[stop], first_error=error)
             else:
                 self._operate(batch[stop])
             start = stop + 1
@@ -196,11 +196,14 @@ class Processor:
         for d in parked:
             self.held.add(d.saga_id)
 
-    def _handle_alone(self, env: Envelope, letter: DeadLetter | None = None) -> bool:
+    def _handle_alone(
+        self, env: Envelope, letter: DeadLetter | None = None, first_error: Exception | None = None
+    ) -> bool:
         """Handle one event, retrying transient errors; park it if it still fails.
 
-        With `letter`, the event is a parked one run again: success resolves the letter,
-        failure leaves it parked with its attempts counted. Returns whether it was handled.
+        `first_error` is how its first attempt (inside a batch) failed. With `letter`, the
+        event is a parked one run again: success resolves the letter, failure leaves it
+        parked with its attempts counted. Returns whether it was handled.
         """
         policy = self.service.retry_policy(env.type) or self.retry
         first_failed = letter.first_failed_at if letter else clock.now()
@@ -209,6 +212,10 @@ class Processor:
             attempts += 1
             uow = self._new_uow()
             try:
+                if first_error is not None and not isinstance(first_error, _Park):
+                    error, first_error = first_error, None
+                    raise error
+                first_error = None
                 self._handle(env, uow)
             except _Park as p:
                 uow.discard()

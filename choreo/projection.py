@@ -18,6 +18,7 @@ from typing import Any
 from choreo import clock
 from choreo.errors import ConcurrencyConflict, EventError
 from choreo.events import Envelope, Outcome, decode_payload
+from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
 from choreo.saga import SagaDefinition
 from choreo.store import EventStore, advance
 
@@ -45,6 +46,10 @@ def entry_of(env: Envelope) -> dict[str, Any]:
     if env.outcome == Outcome.FAILED:
         reason = getattr(event, "reason", None)
         entry["cause"] = f"{env.type}: {reason}" if reason else env.type
+    if isinstance(event, (HandlerRetried, EventParked)):
+        entry["attempts"] = event.attempts
+    if isinstance(event, (EventParked, DeadLetterResolved)):
+        entry["note"] = f"{event.reason}" if isinstance(event, EventParked) else f"{event.status}: {event.reason}"
     return entry
 
 
@@ -76,6 +81,17 @@ def apply(saga: dict[str, Any], entry: dict[str, Any], definitions: Sequence[Sag
                 saga["steps"][name] = _step(None)
     definition = next((d for d in definitions if d.name == saga["saga_type"]), None)
     step, outcome = entry["step"], entry["outcome"]
+    if entry["type"] == EventParked.event_type:
+        saga["parked"] = saga.get("parked", 0) + 1
+    elif entry["type"] == DeadLetterResolved.event_type:
+        saga["parked"] = max(0, saga.get("parked", 0) - 1)
+    if step and "attempts" in entry:  # retries and parking, shown on the step they concern
+        info = saga["steps"].setdefault(step, _step(entry["service"]))
+        info["attempts"] = info.get("attempts", 1) + entry["attempts"] - 1
+        if entry["type"] == EventParked.event_type:
+            info["parked"] = entry["note"]
+    if outcome == Outcome.FAILED and not step and saga["cause"] is None:  # a deadline or an operator
+        saga["cause"] = f"{entry['service']}: {entry.get('cause', entry['type'])}"
     if step and outcome:
         info = saga["steps"].setdefault(step, _step(entry["service"]))
         info["service"] = entry["service"]

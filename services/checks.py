@@ -25,6 +25,7 @@ class SagaFacts:
     charged: int = 0
     refunded: int = 0
     captures: int = 0
+    retries: int = 0
 
 
 def read_facts(store: EventStore, saga_ids: set[str] | None = None) -> dict[str, SagaFacts]:
@@ -49,6 +50,8 @@ def read_facts(store: EventStore, saga_ids: set[str] | None = None) -> dict[str,
             if env.type == "PaymentCaptured":
                 f.charged += payload["amount"]
                 f.captures += 1
+            if env.type == "choreo.HandlerRetried":
+                f.retries += 1
             if env.type == "PaymentRefunded":
                 f.refunded += payload["amount"]
     return dict(facts)

@@ -125,3 +125,10 @@ class OrderCancelled(Event):
     order_id: str
     reason: str
     compensated: list[str]
+
+
+class OrderTimedOut(Event):
+    """The order was not fulfilled in time (the orders service's deadline); fails the saga."""
+
+    order_id: str
+    reason: str

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from uuid import NAMESPACE_URL, uuid4, uuid5
 
 from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
+from choreo.operations import list_dead_letters
 from services import TARGETS, system
 from services.checks import END_TYPES, check_invariants, read_facts
 from services.contracts import OrderPlaced
@@ -34,7 +35,9 @@ def plan(orders: int, seed: int) -> list[tuple[str, OrderPlaced, str, str | None
         _, state, cause = rng.choices(MIX, weights)[0]
         order = OrderPlaced(
             order_id=f"order-{seed}-{i}",
-            customer_id=f"broke-{i}" if cause == "payment declined" else f"customer-{rng.randrange(50)}",
+            customer_id=f"broke-{i}" if cause == "payment declined" else (
+                f"flaky-{i}" if state == "completed" and rng.random() < 0.1 else f"customer-{rng.randrange(50)}"
+            ),
             sku="rare-gem" if cause == "out of stock" else rng.choice(["widget", "gadget"]),
             quantity=rng.randint(1, 5),
             amount=rng.randint(500, 50_000),
@@ -104,6 +107,7 @@ def run_demo(
         for saga_id, _, state, cause in planned
     )
     invariants["final_states_match_the_seeded_plan"] = expected_ok
+    parked = len(list_dead_letters(store, TARGETS))
     store.close()
     states = Counter(s["state"] for s in sagas.values())
     return {
@@ -118,6 +122,8 @@ def run_demo(
             name for s in sagas.values() for name, step in s["steps"].items() if step["status"] == "compensated"
         ).items())),
         "compensations": sum(len(f.compensated) for f in facts.values()),
+        "retried_handlers": sum(f.retries for f in facts.values()),
+        "parked_events": parked,
         "elapsed_s": round(elapsed, 3),
         "sagas_per_s": round(len(planned) / elapsed, 1) if elapsed else None,
         "invariants": invariants,
@@ -176,6 +182,8 @@ def format_summary(s: dict[str, Any]) -> str:
         "  failures:       " + (", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"),
         f"  compensations:  {s['compensations']} ("
         + (", ".join(f"{k} {v}" for k, v in s["compensated_steps"].items()) or "none") + ")",
+        f"  retries:        {s['retried_handlers']} handler(s) succeeded after a transient error",
+        f"  parked events:  {s['parked_events']}" + (" (see choreo dlq list)" if s["parked_events"] else ""),
         "  invariants:",
     ]
     lines += [f"    [{'ok' if ok else 'FAILED'}] {name.replace('_', ' ')}" for name, ok in s["invariants"].items()]

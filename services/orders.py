@@ -6,11 +6,17 @@ Canvas
 - subscribes to: every step outcome of the saga (completions, failures, compensations).
 - The order is confirmed when the customer is notified, and cancelled once every
   step that completed has been compensated.
+- deadline `fulfilment`: an order neither confirmed nor cancelled within
+  `$CHOREO_FULFILMENT_DEADLINE_S` seconds (default 120) times out (`OrderTimedOut`),
+  which fails the saga; an operator's `choreo dlq compensate` does the same.
 """
 
 from __future__ import annotations
 
-from choreo import Aggregate, Context, Event, Service, event
+import os
+from datetime import timedelta
+
+from choreo import Aggregate, CompensationForced, Context, Event, Service, event
 from services.contracts import (
     CancellationNoticeSent,
     ConfirmationSent,
@@ -19,6 +25,7 @@ from services.contracts import (
     OrderCancelled,
     OrderConfirmed,
     OrderPlaced,
+    OrderTimedOut,
     OutOfStock,
     PaymentCaptured,
     PaymentDeclined,
@@ -30,7 +37,11 @@ from services.contracts import (
 
 service = Service("orders", starts=[OrderPlaced])
 
-FAILURE_REASONS = {OutOfStock: "out of stock", PaymentDeclined: "payment declined", ShipmentRejected: "address undeliverable"}
+FAILURE_REASONS = {
+    OutOfStock: "out of stock", PaymentDeclined: "payment declined", ShipmentRejected: "address undeliverable",
+    OrderTimedOut: "fulfilment deadline passed",
+}
+FULFILMENT_DEADLINE = timedelta(seconds=float(os.environ.get("CHOREO_FULFILMENT_DEADLINE_S", "120")))
 
 
 class Order(Aggregate):
@@ -73,17 +84,30 @@ class Order(Aggregate):
 
 @service.on(OrderPlaced)
 def open_order(placed: OrderPlaced, ctx: Context) -> None:
-    ctx.create(Order, placed.order_id, order_id=placed.order_id, amount=placed.amount)
+    ctx.create(Order, ctx.saga_id, order_id=placed.order_id, amount=placed.amount)
+
+
+@service.deadline("fulfilment", start_on=OrderPlaced, cancel_on=[OrderConfirmed, OrderCancelled],
+                  after=FULFILMENT_DEADLINE)
+def fulfilment_overdue(placed: OrderPlaced, ctx: Context) -> OrderTimedOut | None:
+    """Fail the saga of an order that is still open when its fulfilment deadline passes."""
+    order = ctx.find(Order, ctx.saga_id)
+    if order is not None and order.status != "placed":
+        return None  # it ended just before the deadline; its end event cancels the timer next
+    return OrderTimedOut(order_id=placed.order_id, reason=f"not fulfilled within {FULFILMENT_DEADLINE}")
 
 
 def follow(event: Event, ctx: Context) -> Event | None:
     """Record a step outcome on the order; confirm or cancel the order when the saga is over."""
-    order = ctx.load(Order, event.order_id)  # type: ignore[attr-defined]
+    order = ctx.load(Order, ctx.saga_id)
     step, outcome = ctx.envelope.step or "", ctx.envelope.outcome
     if outcome == "completed":
         order.step_completed(step)
     elif outcome == "failed":
-        order.step_failed(step, FAILURE_REASONS.get(type(event), "failed"))
+        if isinstance(event, CompensationForced):
+            order.step_failed(step, f"forced by operator: {event.reason}")
+        else:
+            order.step_failed(step, FAILURE_REASONS.get(type(event), "failed"))
     elif outcome == "compensated":
         order.step_compensated(step)
     if order.status != "placed":
@@ -99,7 +123,7 @@ def follow(event: Event, ctx: Context) -> Event | None:
 
 for _type in (
     ItemsReserved, PaymentCaptured, ShipmentCreated, ConfirmationSent,
-    OutOfStock, PaymentDeclined, ShipmentRejected,
+    OutOfStock, PaymentDeclined, ShipmentRejected, OrderTimedOut, CompensationForced,
     ItemsReleased, PaymentRefunded, ShipmentCancelled, CancellationNoticeSent,
 ):
     service.on(_type)(follow)

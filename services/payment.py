@@ -5,17 +5,33 @@ Canvas
 - publishes: `PaymentCaptured`, `PaymentDeclined` (failure), `PaymentRefunded` (compensation).
 - subscribes to: `ItemsReserved`, and every failure of the saga (by outcome).
 - invariant: charged − refunded equals what confirmed orders paid.
+- transient failure: the provider times out on the first attempt for customers named
+  `flaky-*`; the retry policy (TimeoutError, ConnectionError; 4 attempts) retries it.
 """
 
 from __future__ import annotations
 
-from choreo import Aggregate, Context, Service, StepFailed, event
+from choreo import Aggregate, Context, RetryPolicy, Service, StepFailed, event
 from services.contracts import ItemsReserved, PaymentCaptured, PaymentDeclined, PaymentRefunded
 
 #: Opening balance (cents) of a customer's wallet; customers named `broke-*` have little.
 RICH, BROKE = 100_000_000, 100
 
-service = Service("payment")
+service = Service(
+    "payment", retry=RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.2, retry_on=(TimeoutError, ConnectionError))
+)
+_provider_calls: dict[str, int] = {}  # per process: the flaky provider fails each order's first call
+
+
+class ProviderTimeout(TimeoutError):
+    """The (simulated) payment provider did not answer in time."""
+
+
+def call_provider(order_id: str, customer_id: str) -> None:
+    """Talk to the payment provider; it times out on the first call for `flaky-*` customers."""
+    calls = _provider_calls[order_id] = _provider_calls.get(order_id, 0) + 1
+    if customer_id.startswith("flaky-") and calls == 1:
+        raise ProviderTimeout(f"payment provider timed out for order {order_id}")
 
 
 class Wallet(Aggregate):
@@ -51,6 +67,7 @@ def wallet(ctx: Context, customer_id: str) -> Wallet:
 
 @service.step("process_payment", on=ItemsReserved)
 def charge(reserved: ItemsReserved, ctx: Context) -> PaymentCaptured:
+    call_provider(reserved.order_id, reserved.customer_id)
     w = wallet(ctx, reserved.customer_id)
     if w.balance < reserved.amount:
         raise StepFailed(

@@ -197,10 +197,10 @@ def test_creating_an_aggregate_whose_key_is_taken_is_parked_with_a_clear_reason(
     from services import orders
 
     first = envelope_of(PLACED, service="orders")
-    again = Envelope(**{**first.to_dict(), "event_id": "other", "saga_id": "saga-2", "payload": first.payload,
+    again = Envelope(**{**first.to_dict(), "event_id": "other", "payload": first.payload,
                         "occurred_at": T0, "position": None, "source": "log"})
-    any_store.append([first, again])  # two sagas place the same order id
+    any_store.append([first, again])  # the saga is started twice under different event ids
     Processor(orders.service, any_store, retry=RetryPolicy(max_attempts=2, base_delay=0.001)).run_until_idle()
     (parked,) = any_store.service("orders").dead_letters()
-    assert parked.saga_id == "saga-2" and "AggregateExists" in parked.reason
-    assert "a Order with key 'o-1' already exists" in parked.reason
+    assert parked.event_id == "other" and "AggregateExists" in parked.reason
+    assert f"a Order with key {SAGA!r} already exists" in parked.reason
