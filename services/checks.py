@@ -31,8 +31,12 @@ class SagaFacts:
 def read_facts(store: EventStore, saga_ids: set[str] | None = None) -> dict[str, SagaFacts]:
     """Scan the log once and return the facts of each saga (or only of `saga_ids`)."""
     facts: dict[str, SagaFacts] = defaultdict(SagaFacts)
+    seen: set[str] = set()
     for batch in store.scan():
         for env in batch:
+            if env.event_id in seen:
+                continue  # a copy (Kafka: the relay sent it again after a crash); its effect happened once
+            seen.add(env.event_id)
             if saga_ids is not None and env.saga_id not in saga_ids:
                 continue
             f = facts[env.saga_id]
