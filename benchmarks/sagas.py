@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -23,9 +22,10 @@ from uuid import uuid4
 
 from choreo import Runner, open_store
 from choreo.store import EventStore, Feed
-from services import TARGETS, system
+from services import system
 from services.checks import END_TYPES
 from services.contracts import OrderPlaced
+from services.demo import spawn_services, stop_services
 
 
 def happy_order(i: int) -> OrderPlaced:
@@ -43,8 +43,7 @@ def measure(store_url: str, sagas: int, sequential: int, processes: bool) -> dic
     runner = None
     workers: list[subprocess.Popen[bytes]] = []
     if processes:
-        workers = [subprocess.Popen([sys.executable, "-m", "choreo", "run", t, "--store", store_url])
-                   for t in TARGETS.values()]
+        workers = spawn_services(store_url)
     else:
         runner = Runner(system, store)
         runner.start_threads()
@@ -74,10 +73,7 @@ def measure(store_url: str, sagas: int, sequential: int, processes: bool) -> dic
         feed.close()
         if runner is not None:
             runner.stop()
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(30)
+        stop_services(workers)
         store.close()
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
     return {

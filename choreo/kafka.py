@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -286,20 +286,9 @@ class _KafkaServiceStore(ServiceStore):
     def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
         return self.inner.due_deadlines(now, limit)
 
-    def commit(
-        self,
-        *,
-        events: Sequence[StoredEvent],
-        emitted: Sequence[Envelope],
-        tracking: Mapping[str, int],
-        parked: Sequence[DeadLetter] = (),
-        handled: Sequence[str] = (),
-        updated: Sequence[DeadLetter] = (),
-        deadlines: Sequence[Deadline] = (),
-    ) -> None:
-        self.inner.commit(events=events, emitted=emitted, tracking=tracking, parked=parked, handled=handled,
-                          updated=updated, deadlines=deadlines)
-        if emitted:
+    def commit(self, **changes: Any) -> None:
+        self.inner.commit(**changes)
+        if changes.get("emitted"):
             self._unsent = True
             self.flush()
 

@@ -79,7 +79,7 @@ def run_demo(
         if external:
             pass  # the services run elsewhere, on the same store
         elif processes:
-            workers = [_spawn(target, store_url) for target in TARGETS.values()]
+            workers = spawn_services(store_url)
         else:
             runner = Runner(system, store)
             runner.start_threads()
@@ -90,10 +90,7 @@ def run_demo(
     finally:
         if runner is not None:
             runner.stop()
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(10)
+        stop_services(workers)
     facts = read_facts(store, saga_ids)
     invariants = check_invariants(store, facts)
     projection = SagaProjection(store, sagas=system.sagas)
@@ -132,11 +129,20 @@ def run_demo(
     }
 
 
-def _spawn(target: str, store_url: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "choreo", "run", target, "--store", store_url],
-        stdin=subprocess.DEVNULL,
-    )
+def spawn_services(store_url: str) -> list[subprocess.Popen[bytes]]:
+    """Start each example service as its own `choreo run` process on `store_url`."""
+    return [
+        subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", store_url], stdin=subprocess.DEVNULL)
+        for target in TARGETS.values()
+    ]
+
+
+def stop_services(workers: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Stop service processes with SIGTERM (each finishes its batch) and wait for them."""
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        w.wait(timeout)
 
 
 def _wait_for_end(

@@ -76,18 +76,23 @@ def test_a_thousand_bad_records_are_parked_and_every_good_saga_ends(tmp_path: Pa
 def broken_shipping(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """Shipping's step fails for order o-0 until `state["fixed"]` is set."""
     state = {"fixed": False}
-    handler = shipping.service.steps["create_shipment"]
-    real = handler.fn
+    real = shipping.service.steps["create_shipment"].fn
 
     def create(event, ctx):  # type: ignore[no-untyped-def]
         if event.order_id == "o-0" and not state["fixed"]:
             raise ConnectionError("carrier API is down")
         return real(event, ctx)
 
-    patched = handler.__class__(handler.kind, create, handler.event_type, handler.step, handler.retry)
+    replace_step(monkeypatch, create)
+    return state
+
+
+def replace_step(monkeypatch: pytest.MonkeyPatch, fn) -> None:  # type: ignore[no-untyped-def]
+    """Run `fn` instead of shipping's create_shipment step for this test."""
+    handler = shipping.service.steps["create_shipment"]
+    patched = handler.__class__(handler.kind, fn, handler.event_type, handler.step, handler.retry)
     monkeypatch.setitem(shipping.service.steps, "create_shipment", patched)
     monkeypatch.setitem(shipping.service.handlers, handler.event_type.event_type, [patched])  # type: ignore[union-attr]
-    return state
 
 
 def test_a_parked_event_waits_while_other_sagas_complete_then_retry_completes_it(
@@ -151,14 +156,12 @@ def test_skip_releases_what_was_held_and_compensate_fails_the_saga(
 
 def test_a_business_failure_compensates_and_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    handler = shipping.service.steps["create_shipment"]
 
     def reject(event, ctx):  # type: ignore[no-untyped-def]
         calls.append(event.order_id)
         raise StepFailed(shipping.ShipmentRejected(order_id=event.order_id, address=event.address, reason="no road"))
 
-    patched = handler.__class__(handler.kind, reject, handler.event_type, handler.step, handler.retry)
-    monkeypatch.setitem(shipping.service.handlers, handler.event_type.event_type, [patched])  # type: ignore[union-attr]
+    replace_step(monkeypatch, reject)
     store = open_store(f"sqlite:///{tmp_path}/b.db")
     runner = Runner(system, store)
     runner.start(order(1))
