@@ -25,8 +25,7 @@ class SagaDefinition:
             raise WiringError(f"saga {self.name!r}: a step is listed twice in {self.steps}")
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "end", tuple(self.end))
+        object.__setattr__(self, "end_types", frozenset(cls.event_type for cls in self.end))
 
-    @property
-    def end_types(self) -> frozenset[str]:
-        """Type names of the events that end this saga."""
-        return frozenset(cls.event_type for cls in self.end)
+    #: Type names of the events that end this saga.
+    end_types: frozenset[str] = field(init=False, repr=False, compare=False)

@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -416,6 +416,15 @@ class _SQLiteDocumentStore(DocumentStore):
     def get(self, key: str) -> dict[str, Any] | None:
         rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted, found = list(keys), {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, doc in self.store._query(f"SELECT key, doc FROM {self._docs} WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(doc)
+        return found
 
     def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
         with self.store._write() as c:

@@ -15,7 +15,7 @@ import threading
 from urllib.parse import parse_qsl, urlsplit
 from abc import ABC, abstractmethod
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -138,6 +138,10 @@ class DocumentStore(ABC):
     @abstractmethod
     def get(self, key: str) -> dict[str, Any] | None:
         """Return the document stored under `key`, or None."""
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Return the stored documents among `keys`, by key (missing keys are left out)."""
+        return {k: d for k in keys if (d := self.get(k)) is not None}
 
     @abstractmethod
     def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:

@@ -125,6 +125,7 @@ class EventStoreContract:
         with pytest.raises(ConcurrencyConflict):
             docs.put({"a": {"n": 2}}, tracking={"t:0": 4})
         assert docs.get("a") == {"n": 1} and docs.tracking() == {"t:0": 4}
+        assert docs.get_many(["a", "missing"]) == {"a": {"n": 1}}
         docs.clear()
         assert docs.get("a") is None and docs.tracking() == {}
 
