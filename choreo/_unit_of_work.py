@@ -23,6 +23,8 @@ class AggregateCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: OrderedDict[UUID, Aggregate] = OrderedDict()
+        #: stored events read ahead for the current batch (one query instead of one per aggregate)
+        self.prefetched: dict[UUID, list[StoredEvent]] = {}
 
     def get(self, key: UUID) -> Aggregate | None:
         agg = self._items.get(key)
@@ -42,6 +44,7 @@ class AggregateCache:
 
     def clear(self) -> None:
         self._items.clear()
+        self.prefetched.clear()
 
 
 class UnitOfWork:
@@ -62,7 +65,8 @@ class UnitOfWork:
             return self.aggregates[agg_id]
         agg = self.cache.get(agg_id)
         if agg is None:
-            for stored in self.store.load(agg_id):
+            stored_events = self.cache.prefetched.pop(agg_id, None)
+            for stored in self.store.load(agg_id) if stored_events is None else stored_events:
                 agg = self.mapper.to_domain_event(stored).mutate(agg)  # type: ignore[attr-defined]
         self.aggregates[agg_id] = agg
         return agg

@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -273,6 +273,9 @@ class _KafkaServiceStore(ServiceStore):
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         return self.inner.load(aggregate_id)
+
+    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
+        return self.inner.load_many(aggregate_ids)
 
     def tracking(self) -> Tracking:
         return self.inner.tracking()

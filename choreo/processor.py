@@ -87,6 +87,8 @@ class Processor:
         if not any(self._relevant(e) for e in fresh):
             self.tracking.update(advance(batch))
             return len(batch)
+        if self._has_steps:
+            self._prefetch(fresh)
         try:
             self._process(fresh)
         except ConcurrencyConflict as e:
@@ -95,7 +97,15 @@ class Processor:
             self.tracking = self.own.tracking()
             self.held = {d.saga_id for d in self.own.dead_letters()}
             self.feed.rewind()
+        finally:
+            self.cache.prefetched = {}
         return len(batch)
+
+    def _prefetch(self, batch: Sequence[Envelope]) -> None:
+        """Read the participation records of the batch's sagas that are not cached, in one query."""
+        ids = {participation_id(self.service.name, e.saga_id) for e in batch if e.saga_id and self._relevant(e)}
+        missing = [i for i in ids if self.cache.get(i) is None]
+        self.cache.prefetched = self.own.load_many(missing) if missing else {}
 
     def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
         """Drop what this service already processed: redelivered positions and repeated event ids."""

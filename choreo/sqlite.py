@@ -301,6 +301,21 @@ class _SQLiteServiceStore(ServiceStore):
         )
         return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
 
+    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
+        found: dict[UUID, list[StoredEvent]] = {i: [] for i in aggregate_ids}
+        ids = [i.hex for i in found]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = self.store._query(
+                f"SELECT originator_id, originator_version, topic, state FROM {self._events} "
+                f"WHERE originator_id IN ({','.join('?' * len(chunk))}) ORDER BY originator_id, originator_version",
+                chunk,
+            )
+            for r in rows:
+                agg_id = UUID(r[0])
+                found[agg_id].append(StoredEvent(agg_id, r[1], r[2], r[3]))
+        return found
+
     def tracking(self) -> Tracking:
         return self.store._tracked(self._tracking)
 

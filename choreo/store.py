@@ -82,6 +82,10 @@ class ServiceStore(ABC):
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         """Return the stored events of one aggregate, in version order."""
 
+    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
+        """Return the stored events of several aggregates (an empty list for an unknown id)."""
+        return {i: self.load(i) for i in aggregate_ids}
+
     @abstractmethod
     def tracking(self) -> Tracking:
         """Return how far this service has processed each source of the log."""
