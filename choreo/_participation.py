@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from uuid import UUID
 
 from choreo.aggregates import Aggregate, aggregate_id, event
@@ -11,10 +12,10 @@ class Participation(Aggregate):
     """What one service did in one saga: steps completed, compensated, skipped; failure seen."""
 
     @event("Joined")
-    def __init__(self, service: str, saga_id: str) -> None:
+    def __init__(self, service: str, saga_id: str, completed: dict[str, dict[str, object]] | None = None) -> None:
         self.service = service
         self.saga_id = saga_id
-        self.completed: dict[str, dict[str, object]] = {}
+        self.completed: dict[str, dict[str, object]] = dict(completed or {})
         self.compensated: list[str] = []
         self.skipped: list[str] = []
         self.failed_steps: list[str] = []
@@ -31,12 +32,7 @@ class Participation(Aggregate):
 
     @event("StepCompleted")
     def step_completed(self, step: str, event_id: str, event_type: str, version: int, payload: str) -> None:
-        self.completed[step] = {
-            "event_id": event_id,
-            "type": event_type,
-            "version": version,
-            "payload": payload,
-        }
+        self.completed[step] = completion(event_id, event_type, version, payload)
 
     @event("StepFailed")
     def step_failed(self, step: str) -> None:
@@ -59,6 +55,12 @@ class Participation(Aggregate):
         return [s for s in reversed(self.completed) if s not in self.compensated]
 
 
+def completion(event_id: str, event_type: str, version: int, payload: str) -> dict[str, object]:
+    """What a participation keeps of a step's completion event (to compensate it later)."""
+    return {"event_id": event_id, "type": event_type, "version": version, "payload": payload}
+
+
+@lru_cache(maxsize=65_536)
 def participation_id(service: str, saga_id: str) -> UUID:
     """Return the id of `service`'s participation record for `saga_id`."""
     return aggregate_id(Participation, f"{service}/{saga_id}")

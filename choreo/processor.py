@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from choreo import clock
-from choreo._participation import Participation, participation_id
+from choreo._participation import Participation, completion, participation_id
 from choreo._unit_of_work import AggregateCache, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
@@ -388,10 +388,10 @@ class Processor:
         if self.service.deadlines:
             self._schedule(env, uow)
 
-    def _participation(self, uow: UnitOfWork, saga_id: str) -> Participation:
+    def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation:
         pid = participation_id(self.service.name, saga_id)
         part = uow.get(pid)
-        if part is None:
+        if part is None and create:
             part = create_with_id(Participation, pid, service=self.service.name, saga_id=saga_id)
             uow.add(part)
         return part  # type: ignore[return-value]
@@ -404,10 +404,10 @@ class Processor:
     def _run_step(self, handler: Handler, event: Event, env: Envelope, uow: UnitOfWork) -> None:
         step = handler.step
         assert step is not None
-        part = self._participation(uow, env.saga_id)
-        if part.has_handled(step):
+        part: Participation | None = self._participation(uow, env.saga_id, create=False)
+        if part is not None and part.has_handled(step):
             return  # a duplicate trigger: the step already ran for this saga
-        if part.saga_failed:
+        if part is not None and part.saga_failed:
             part.step_skipped(step)
             reason = f"saga failed (event {part.failure_event_id}) before the step started"
             uow.emit(StepSkipped(step=step, reason=reason), env, step=step, outcome=Outcome.SKIPPED)
@@ -419,6 +419,7 @@ class Processor:
             for out in ctx.extra:
                 uow.emit(out, env)
             failed = uow.emit(failure.event, env, step=step, outcome=Outcome.FAILED)
+            part = part or self._participation(uow, env.saga_id)
             part.step_failed(step)
             part.failure_seen(failed.event_id)
             self._compensate(part, failed, uow)
@@ -430,7 +431,12 @@ class Processor:
                 f"got {result!r}; emit extra events with ctx.emit()"
             )
         done = uow.emit(outs[0], env, step=step, outcome=Outcome.COMPLETED)
-        part.step_completed(step, done.event_id, done.type, done.version, done.payload)
+        if part is None:  # the service's first part in this saga: one event records both
+            completed = {step: completion(done.event_id, done.type, done.version, done.payload)}
+            uow.add(create_with_id(Participation, participation_id(self.service.name, env.saga_id),
+                                   service=self.service.name, saga_id=env.saga_id, completed=completed))
+        else:
+            part.step_completed(step, done.event_id, done.type, done.version, done.payload)
         for out in ctx.extra:
             uow.emit(out, env)
 

@@ -59,6 +59,30 @@ class System:
 
         Starting a saga id that is already started changes nothing (idempotent).
         """
+        envelope = self._start_envelope(event, saga_id)
+        try:
+            store.append([envelope])
+        except ConcurrencyConflict:
+            pass  # already started
+        return envelope.saga_id
+
+    def start_many(self, store: EventStore, starts: Iterable[tuple[Event, str | None]]) -> list[str]:
+        """Start many sagas with one append (one transaction on SQLite); return their saga ids.
+
+        Each item is (initiating event, saga id or None). Idempotent like `start()`.
+        """
+        envelopes = [self._start_envelope(event, saga_id) for event, saga_id in starts]
+        try:
+            store.append(envelopes)
+        except ConcurrencyConflict:  # some were started already: start the others one by one
+            for env in envelopes:
+                try:
+                    store.append([env])
+                except ConcurrencyConflict:
+                    pass
+        return [env.saga_id for env in envelopes]
+
+    def _start_envelope(self, event: Event, saga_id: str | None) -> Envelope:
         origin = self.origins.get(type(event).event_type)
         if origin is None:
             raise WiringError(
@@ -78,8 +102,4 @@ class System:
             occurred_at=clock.now(),
             payload=encode_payload(event),
         )
-        try:
-            store.append([envelope])
-        except ConcurrencyConflict:
-            pass  # already started
-        return saga_id
+        return envelope

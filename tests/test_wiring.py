@@ -61,3 +61,17 @@ def test_starting_with_an_event_no_service_starts_fails() -> None:
 
     with pytest.raises(WiringError, match="no service starts sagas with Begun"):
         System([Service("alpha")]).start(InMemoryStore(), Begun(ref="x"))
+
+
+def test_start_many_starts_each_saga_once() -> None:
+    import services
+    from choreo import InMemoryStore
+    from services.contracts import OrderPlaced
+
+    store = InMemoryStore()
+    orders = [OrderPlaced(order_id=f"o-{i}", customer_id="c", sku="widget", quantity=1, amount=1, address="x")
+              for i in range(3)]
+    first = services.system.start_many(store, [(o, f"s-{i}") for i, o in enumerate(orders)])
+    again = services.system.start_many(store, [(orders[0], "s-0"), (orders[1], "s-new")])  # s-0 is started
+    assert first == ["s-0", "s-1", "s-2"] and again == ["s-0", "s-new"]
+    assert [e.saga_id for e in store.read(0, 10)] == ["s-0", "s-1", "s-2", "s-new"]
