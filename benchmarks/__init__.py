@@ -1,1 +1,1 @@
-"""choreo's benchmarks: run `python -m benchmarks.replay`."""
+"""choreo's benchmarks: run `python -m benchmarks` (see benchmarks/__main__.py)."""

@@ -1,11 +1,12 @@
-"""Replay benchmark: rebuild the saga projection from N events, next to plain sqlite3 reading them.
+"""Replay benchmark: rebuild the saga projection from N events, next to plain sqlite3 and eventsourcing.
 
     python -m benchmarks.replay [--events 1000000] [--json]
 
 It runs the example system for a few hundred sagas, copies their log rows under
 new ids until the log holds N events, then measures, each in its own process
-(so peak RSS is its own): plain sqlite3 reading every row, and
-`SagaProjection.replay()`. It reports events/s, the ratio, and peak RSS.
+(so peak RSS is its own): plain sqlite3 reading every row, `eventsourcing` selecting
+and decoding as many events from its notification log, and `SagaProjection.replay()`.
+It reports events/s, the ratios, and peak RSS.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def build(path: str, events: int) -> int:
 def measure(kind: str, path: str) -> dict[str, float]:
     """Run in a child process: time one way of reading the whole log, and peak RSS."""
     started = time.perf_counter()
-    if kind == "sqlite3":
+    if kind == "eventsourcing":
+        from benchmarks.es_decode import decode
+
+        count = decode(path)
+    elif kind == "sqlite3":
         conn = sqlite3.connect(path)
         count = sum(1 for _ in conn.execute("SELECT * FROM choreo_log ORDER BY position"))
     else:
@@ -68,6 +73,42 @@ def measure(kind: str, path: str) -> dict[str, float]:
     return {"events": count, "seconds": round(elapsed, 2), "events_per_s": round(count / elapsed), "peak_rss_mb": round(rss_mb, 1)}
 
 
+KINDS = ("sqlite3", "eventsourcing", "projection")
+
+
+def run(events: int) -> dict[str, object]:
+    """Build the logs, then measure each reader in its own process; return the results."""
+    from benchmarks.es_decode import build as build_es
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "replay.db")
+        total = build(path, events)
+        es_path = os.path.join(tmp, "eventsourcing.db")
+        build_es(es_path, total)
+        results: dict[str, object] = {"log_events": total}
+        for kind in KINDS:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.replay", "--child", kind,
+                                  es_path if kind == "eventsourcing" else path],
+                                 capture_output=True, text=True, check=True)
+            results[kind] = json.loads(out.stdout)
+    speed = {k: results[k]["events_per_s"] for k in KINDS}  # type: ignore[index]
+    results["projection_over_sqlite3"] = round(speed["projection"] / speed["sqlite3"], 4)
+    results["projection_over_eventsourcing"] = round(speed["projection"] / speed["eventsourcing"], 3)
+    return results
+
+
+def table(results: dict[str, object]) -> str:
+    """The results as a small table."""
+    lines = [f"replay of {results['log_events']} events",
+             f"  {'reader':<14} {'events/s':>10} {'seconds':>8} {'peak RSS MB':>12}"]
+    for kind in KINDS:
+        r = results[kind]
+        lines.append(f"  {kind:<14} {r['events_per_s']:>10} {r['seconds']:>8} {r['peak_rss_mb']:>12}")  # type: ignore[index]
+    lines.append(f"  projection / sqlite3 = {results['projection_over_sqlite3']}, "
+                 f"projection / eventsourcing decode = {results['projection_over_eventsourcing']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -77,27 +118,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(*args.child)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "replay.db")
-        total = build(path, args.events)
-        results = {}
-        for kind in ("sqlite3", "projection"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.replay", "--child", kind, path],
-                                 capture_output=True, text=True, check=True)
-            results[kind] = json.loads(out.stdout)
-    results["ratio_projection_to_sqlite3"] = round(
-        results["projection"]["events_per_s"] / results["sqlite3"]["events_per_s"], 4
-    )
-    results["log_events"] = total
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    print(f"replay of {total} events")
-    print(f"  {'reader':<12} {'events/s':>10} {'seconds':>8} {'peak RSS MB':>12}")
-    for kind in ("sqlite3", "projection"):
-        r = results[kind]
-        print(f"  {kind:<12} {r['events_per_s']:>10} {r['seconds']:>8} {r['peak_rss_mb']:>12}")
-    print(f"  projection / sqlite3 = {results['ratio_projection_to_sqlite3']}")
+    results = run(args.events)
+    print(json.dumps(results, indent=2) if args.json else table(results))
 
 
 if __name__ == "__main__":

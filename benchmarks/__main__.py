@@ -1,0 +1,94 @@
+"""Run choreo's benchmark suite: every figure next to a baseline measured in the same run.
+
+    python -m benchmarks            # the full run (about 10 minutes here)
+    python -m benchmarks --quick    # a small run (under 3 minutes here)
+    python -m benchmarks --json     # the results as JSON on stdout
+
+1. sagas/s on SQLite, all services in one process: choreo / eventsourcing System; events/s / plain sqlite3
+2. sagas/s on SQLite, each service in its own process
+3. sagas/s on Kafka (a tansu broker started for the run), each service in its own process
+4. saga latency p50/p99 (sequential sagas) for 1-3
+5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
+
+The results are also written to `--out` (default: benchmark-results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+from uuid import uuid4
+
+from benchmarks import replay, sagas, throughput
+
+
+def run(quick: bool) -> dict[str, Any]:
+    n = 500 if quick else 2000
+    sequential = 50 if quick else 200
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "quick": quick,
+    }
+    results["1_sqlite_one_process"] = throughput.measure(n, rounds=2 if quick else 3)
+    with tempfile.TemporaryDirectory() as folder:
+        results["4_latency_sqlite_one_process"] = sagas.measure(
+            f"sqlite:///{folder}/threads.db", sagas=n, sequential=sequential, processes=False)
+        results["2_sqlite_processes"] = sagas.measure(
+            f"sqlite:///{folder}/processes.db", sagas=n, sequential=sequential, processes=True)
+        from choreo.tansu import TansuBroker
+
+        with TansuBroker(folder) as broker:
+            url = f"kafka://{broker.bootstrap}?topic=bench-{uuid4().hex[:8]}&state={folder}/state"
+            results["3_kafka_processes"] = sagas.measure(url, sagas=n, sequential=sequential, processes=True)
+    results["5_replay"] = replay.run(100_000 if quick else 1_000_000)
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    one, rp = r["1_sqlite_one_process"], r["5_replay"]
+    rows = [
+        ("1 SQLite, one process: choreo", f"{one['choreo_sagas_per_s']} sagas/s",
+         f"{one['choreo_over_baseline']}x eventsourcing System ({one['baseline_sagas_per_s']} sagas/s)"),
+        ("  events/s vs plain sqlite3", f"{one['choreo_events_per_s']} events/s",
+         f"{one['choreo_over_sqlite3_events']}x sqlite3 inserts ({one['sqlite3_events_per_s']}/s)"),
+    ]
+    for key, name in (("4_latency_sqlite_one_process", "4 SQLite, one process (threads)"),
+                      ("2_sqlite_processes", "2 SQLite, a process per service"),
+                      ("3_kafka_processes", "3 Kafka, a process per service")):
+        m = r[key]
+        rows.append((name, f"{m['sagas_per_s']} sagas/s", f"p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms"))
+    rows.append(("5 replay: projection", f"{rp['projection']['events_per_s']} events/s",
+                 f"{rp['projection_over_eventsourcing']}x eventsourcing decode "
+                 f"({rp['eventsourcing']['events_per_s']}/s), {rp['projection_over_sqlite3']}x sqlite3 "
+                 f"({rp['sqlite3']['events_per_s']}/s), peak RSS {rp['projection']['peak_rss_mb']} MB "
+                 f"at {rp['log_events']} events"))
+    width = max(len(a) for a, _, _ in rows)
+    return "\n".join([f"choreo benchmarks ({r['machine']}{', quick' if r['quick'] else ''})"] +
+                     [f"  {a:<{width}}  {b:>18}  {c}" for a, b, c in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes here)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--out", default="benchmark-results.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = run(args.quick)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    print(f"({results['total_s']} s; JSON in {args.out})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
