@@ -63,7 +63,7 @@ class KafkaSettings:
     wait: float = 0.0
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 2000
-    fetch_max_wait_ms: int = 20
+    fetch_max_wait_ms: int = 5
     request_timeout_ms: int = 10000
     producer: dict[str, Any] = field(default_factory=dict)
     consumer: dict[str, Any] = field(default_factory=dict)
@@ -195,7 +195,7 @@ class KafkaStore(EventStore):
         """The store's producer: acks from all in-sync replicas, idempotent, order kept per partition."""
         with self._guard:
             if self._producer is None:
-                config = {**self._common(), "acks": "all", "enable_idempotence": True, "linger_ms": 1,
+                config = {**self._common(), "acks": "all", "enable_idempotence": True, "linger_ms": 0,
                           "max_in_flight_requests_per_connection": 5, **self.settings.producer}
                 self._producer = KafkaProducer(**config)
             return self._producer
