@@ -21,7 +21,7 @@ from typing import Any
 from uuid import uuid4
 
 from choreo import Runner, open_store
-from choreo.store import EventStore, Feed
+from choreo.store import Feed
 from services import system
 from services.checks import END_TYPES
 from services.contracts import OrderPlaced

@@ -21,6 +21,7 @@ from choreo.errors import (
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepSkipped
+from choreo.memory import InMemoryStore
 from choreo.operations import CompensationForced
 from choreo.processor import Processor
 from choreo.retry import RetryPolicy
@@ -29,7 +30,7 @@ from choreo.runner import Runner, run_service
 from choreo.saga import SagaDefinition
 from choreo.service import Service
 from choreo.store import (
-    DeadLetter, DocumentStore, EventStore, Feed, InMemoryStore, LogStore, ServiceStore, open_store,
+    DeadLetter, DocumentStore, EventStore, Feed, LogStore, ServiceStore, open_store,
 )
 from choreo.system import System
 

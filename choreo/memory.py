@@ -1,0 +1,193 @@
+"""The in-memory store: the log and every service's state in dicts, for unit tests.
+
+It meets the same contract as the SQLite and Kafka stores (tests/store_contract.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
+from choreo.errors import ConcurrencyConflict
+from choreo.events import Envelope
+from choreo.store import DeadLetter, DocumentStore, LogStore, ServiceStore, Tracking, check_service_name
+
+
+class InMemoryStore(LogStore):
+    """A store held in memory, for unit tests; it behaves like the SQLite store."""
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self._log: list[Envelope] = []
+        self._event_ids: set[str] = set()
+        self._services: dict[str, _InMemoryServiceStore] = {}
+        self._documents: dict[str, _InMemoryDocumentStore] = {}
+        self._changed = threading.Condition()
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        with self._changed:
+            return self._append(envelopes)
+
+    def _append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        ids = [e.event_id for e in envelopes]
+        if len(set(ids)) != len(ids) or self._event_ids.intersection(ids):
+            raise ConcurrencyConflict("event id already in the log")
+        positions = []
+        for env in envelopes:
+            self._log.append(env.at(len(self._log) + 1))
+            self._event_ids.add(env.event_id)
+            positions.append(len(self._log))
+        self._changed.notify_all()
+        return positions
+
+    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+        with self._changed:
+            return self._log[after : after + limit]
+
+    def last_position(self) -> int:
+        return len(self._log)
+
+    def wait(self, after: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._log) > after, timeout)
+
+    def service(self, name: str) -> ServiceStore:
+        check_service_name(name)
+        with self._changed:
+            if name not in self._services:
+                self._services[name] = _InMemoryServiceStore(self, name)
+            return self._services[name]
+
+    def documents(self, name: str) -> DocumentStore:
+        check_service_name(name)
+        return self._documents.setdefault(name, _InMemoryDocumentStore())
+
+
+def forward(have: Tracking, to: Mapping[str, int], owner: str) -> Tracking:
+    """Return `have` moved to `to`; raise `ConcurrencyConflict` unless every source moves forward."""
+    for source, position in to.items():
+        if position <= have.get(source, 0):
+            raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
+    return {**have, **to}
+
+
+class _InMemoryDocumentStore(DocumentStore):
+    def __init__(self) -> None:
+        self._docs: dict[str, str] = {}
+        self._tracking: Tracking = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        text = self._docs.get(key)
+        return None if text is None else json.loads(text)
+
+    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
+        self._tracking = forward(self._tracking, tracking, "read model")
+        self._docs.update({k: json.dumps(v) for k, v in docs.items()})
+
+    def scan(self) -> Iterator[dict[str, Any]]:
+        for text in list(self._docs.values()):
+            yield json.loads(text)
+
+    def tracking(self) -> Tracking:
+        return dict(self._tracking)
+
+    def clear(self) -> None:
+        self._docs.clear()
+        self._tracking = {}
+
+
+class _InMemoryServiceStore(ServiceStore):
+    def __init__(self, store: InMemoryStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._events: dict[UUID, list[StoredEvent]] = {}
+        self._tracking: Tracking = {}
+        self._deadlines: dict[str, Deadline] = {}
+        self._dead: list[DeadLetter] = []
+
+    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
+        with self.store._changed:
+            return list(self._events.get(aggregate_id, ()))
+
+    def tracking(self) -> Tracking:
+        return dict(self._tracking)
+
+    def commit(
+        self,
+        *,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        tracking: Mapping[str, int],
+        parked: Sequence[DeadLetter] = (),
+        handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
+    ) -> None:
+        with self.store._changed:
+            reached = forward(self._tracking, tracking, self.name)
+            timers = merge_deadlines(self._deadlines, deadlines, self.name)
+            latest: dict[UUID, int] = {}
+            for e in events:
+                agg_id = e.originator_id
+                assert isinstance(agg_id, UUID)
+                have = self._events.get(agg_id, [])
+                last = latest.get(agg_id, have[-1].originator_version if have else 0)
+                if e.originator_version != last + 1:
+                    raise ConcurrencyConflict(
+                        f"{self.name}: aggregate {e.originator_id} version "
+                        f"{e.originator_version} already recorded"
+                    )
+                latest[agg_id] = e.originator_version
+            ids = [env.event_id for env in emitted]
+            if len(set(ids)) != len(ids) or self.store._event_ids.intersection(ids):
+                raise ConcurrencyConflict(f"{self.name}: event id already in the log")
+            for e in events:
+                self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
+            for i, d in enumerate(parked, start=len(self._dead) + 1):
+                self._dead.append(_with_id(d, i))
+            for d in updated:
+                assert d.id is not None
+                self._dead[d.id - 1] = d
+            self._deadlines = timers
+            self._tracking = reached
+            if emitted:
+                self.store._append(emitted)
+            else:
+                self.store._changed.notify_all()
+
+    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
+        return [d for d in self._dead if status is None or d.status == status]
+
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        with self.store._changed:
+            due = [d for d in self._deadlines.values() if d.status == SCHEDULED and d.due_at <= now]
+        return sorted(due, key=lambda d: (d.due_at, d.id))[:limit]
+
+
+def merge_deadlines(have: dict[str, Deadline], changes: Sequence[Deadline], owner: str) -> dict[str, Deadline]:
+    """Return `have` with `changes` applied by the rules of `ServiceStore.commit()`."""
+    out = dict(have)
+    for d in changes:
+        old = out.get(d.id)
+        if d.status == SCHEDULED:
+            out.setdefault(d.id, d)
+        elif d.status == CANCELLED:
+            if old is None or old.status == SCHEDULED:
+                out[d.id] = d
+        elif old is None or old.status != SCHEDULED:
+            raise ConcurrencyConflict(f"{owner}: deadline {d.name} of saga {d.saga_id} is not scheduled")
+        else:
+            out[d.id] = d
+    return out
+
+
+def _with_id(d: DeadLetter, i: int) -> DeadLetter:
+    return replace(d, id=i)
