@@ -73,6 +73,11 @@ def event_class(event_type: str, version: int = 1) -> type[Event]:
         ) from None
 
 
+def known_types() -> frozenset[str]:
+    """The type names registered so far."""
+    return frozenset(_known_types)
+
+
 def is_known_type(event_type: str) -> bool:
     """Tell whether some schema version of `event_type` is registered."""
     return event_type in _known_types

@@ -35,7 +35,9 @@ from choreo.deadlines import Deadline
 from choreo.errors import StoreError, StoreURLError
 from choreo.events import Envelope
 from choreo.sqlite import SQLiteStore
-from choreo.store import DeadLetter, DocumentStore, EventStore, Feed, ServiceStore, Tracking, check_service_name
+from choreo.store import (
+    DeadLetter, DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name,
+)
 
 try:
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -228,7 +230,10 @@ class KafkaStore(EventStore):
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
         return self.publish(envelopes)
 
-    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
+    def feed(
+        self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True, interest: Interest | None = None
+    ) -> Feed:
+        """Kafka cannot filter on the broker, so `interest` is not used: the reader sees every record."""
         return _KafkaFeed(self, self.settings.group_prefix + reader if group else None, tracking)
 
     def local(self, file: str, durability: str | None = None) -> SQLiteStore:

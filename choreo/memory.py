@@ -18,7 +18,9 @@ from eventsourcing.persistence import StoredEvent
 from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict
 from choreo.events import Envelope
-from choreo.store import DeadLetter, DocumentStore, LogStore, ServiceStore, Tracking, check_service_name
+from choreo.store import (
+    DeadLetter, DocumentStore, Interest, LogStore, ServiceStore, Tracking, check_service_name,
+)
 
 
 class InMemoryStore(LogStore):
@@ -48,9 +50,13 @@ class InMemoryStore(LogStore):
         self._changed.notify_all()
         return positions
 
-    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+    def read(self, after: int, limit: int = 500, *, upto: int | None = None,
+             interest: Interest | None = None) -> list[Envelope]:
         with self._changed:
-            return self._log[after : after + limit]
+            window = self._log[after:upto]
+        if interest is not None:
+            window = [e for e in window if interest.wants(e)]
+        return window[:limit]
 
     def last_position(self) -> int:
         return len(self._log)

@@ -25,14 +25,14 @@ from choreo._unit_of_work import AggregateCache, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
 from choreo.errors import ConcurrencyConflict, EventError, StepFailed, WiringError
-from choreo.events import Envelope, Event, Outcome, StepSkipped, decode_payload, is_known_type
+from choreo.events import Envelope, Event, Outcome, StepSkipped, decode_payload, is_known_type, known_types
 from choreo.service import Handler, Service
 from choreo.deadlines import CANCELLED, FIRED, SCHEDULED, Deadline, deadline_id
 from choreo.operations import (
     OPERATOR_COMMANDS, DeadLetterResolved, EventParked, HandlerRetried, RetryRequested, SkipRequested,
 )
 from choreo.retry import RetryPolicy
-from choreo.store import DeadLetter, EventStore, advance
+from choreo.store import DeadLetter, EventStore, Interest, advance
 
 log = logging.getLogger("choreo")
 
@@ -68,7 +68,9 @@ class Processor:
         self.cache = AggregateCache(cache_size)
         self.tracking = self.own.tracking()
         self.held = {d.saga_id for d in self.own.dead_letters()}
-        self.feed = store.feed(service.name, self.own.tracking)
+        self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
+            types=service.subscribed_types | OPERATOR_COMMANDS, failures=bool(service.steps), known=known_types(),
+        ))
         self._types = service.subscribed_types
         self._has_steps = bool(service.steps)
 

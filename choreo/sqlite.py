@@ -36,7 +36,7 @@ from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
 from choreo.events import Envelope
 from choreo.store import (
-    DeadLetter, DocumentStore, LogStore, ServiceStore, Tracking, check_service_name,
+    DeadLetter, DocumentStore, Interest, LogStore, ServiceStore, Tracking, check_service_name,
 )
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -199,10 +199,24 @@ class SQLiteStore(LogStore):
         with self._write() as c:
             return c.insert_log(envelopes)
 
-    def read(self, after: int, limit: int = 500) -> list[Envelope]:
+    def read(self, after: int, limit: int = 500, *, upto: int | None = None,
+             interest: Interest | None = None) -> list[Envelope]:
+        where = "position > ?"
+        params: list[object] = [after]
+        if upto is not None:
+            where += " AND position <= ?"
+            params.append(upto)
+        if interest is not None:  # leave out, in SQL, what the reader does not want
+            wanted = [f"type IN ({','.join('?' * len(interest.types))})"]
+            params += sorted(interest.types)
+            if interest.failures:
+                wanted.append("outcome = 'failed'")
+            if interest.known is not None:
+                wanted.append(f"type NOT IN ({','.join('?' * len(interest.known))})")
+                params += sorted(interest.known)
+            where += f" AND ({' OR '.join(wanted)})"
         rows = self._query(
-            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE position > ? ORDER BY position LIMIT ?",
-            (after, limit),
+            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?", (*params, limit)
         )
         return [_envelope(r) for r in rows]
 

@@ -167,6 +167,27 @@ class DocumentStore(ABC):
         """Drop every document and the tracking."""
 
 
+@dataclass(frozen=True)
+class Interest:
+    """Which events a reader wants; a log that can filter leaves the rest out of its batches.
+
+    An event is wanted if its type is in `types`, or (with `failures`) it has the failed
+    outcome, or (with `known` set) its type is not among `known` (so it can be parked).
+    """
+
+    types: frozenset[str]
+    failures: bool = False
+    known: frozenset[str] | None = None
+
+    def wants(self, env: Envelope) -> bool:
+        """Whether the reader wants `env`."""
+        return (
+            env.type in self.types
+            or (self.failures and env.outcome == "failed")
+            or (self.known is not None and env.type not in self.known)
+        )
+
+
 class Feed(ABC):
     """A reader's view of the log: new envelopes, batch by batch, after the reader's tracking."""
 
@@ -194,11 +215,14 @@ class EventStore(ABC):
         """Append events to the log (used to start sagas); return their positions in their sources."""
 
     @abstractmethod
-    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
+    def feed(
+        self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True, interest: Interest | None = None
+    ) -> Feed:
         """Return a feed for `reader`, starting after `tracking()`.
 
         With `group=True` the readers of one name share the log (on Kafka: a consumer
-        group whose members split the partitions); with `group=False` this reader sees all of it.
+        group whose members split the partitions); with `group=False` this reader sees all
+        of it. With `interest`, the feed may leave out events the reader does not want.
         """
 
     @abstractmethod
@@ -236,8 +260,12 @@ class LogStore(EventStore):
     """A store whose log has one global order (SQLite, memory): positions are in source "log"."""
 
     @abstractmethod
-    def read(self, after: int, limit: int = 500) -> list[Envelope]:
-        """Return up to `limit` events with a position greater than `after`, in log order."""
+    def read(self, after: int, limit: int = 500, *, upto: int | None = None,
+             interest: Interest | None = None) -> list[Envelope]:
+        """Return up to `limit` events with a position greater than `after` (and at most `upto`), in log order.
+
+        With `interest`, only the events it wants.
+        """
 
     @abstractmethod
     def last_position(self) -> int:
@@ -247,28 +275,41 @@ class LogStore(EventStore):
     def wait(self, after: int, timeout: float) -> bool:
         """Block until the log has an event after `after`, or `timeout` seconds pass."""
 
-    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True) -> Feed:
-        return _LogFeed(self, tracking)
+    def feed(
+        self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True, interest: Interest | None = None
+    ) -> Feed:
+        return _LogFeed(self, tracking, interest)
 
     def size_hint(self) -> int | None:
         return self.last_position()
 
 
 class _LogFeed(Feed):
-    def __init__(self, store: LogStore, tracking: Callable[[], Tracking]) -> None:
+    def __init__(self, store: LogStore, tracking: Callable[[], Tracking], interest: Interest | None) -> None:
         self.store = store
         self._tracking = tracking
+        self.interest = interest
         self.rewind()
 
     def rewind(self) -> None:
         self.position = self._tracking().get(LOG, 0)
 
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
-        batch = self.store.read(self.position, limit)
+        batch = self._read(limit)
         if not batch and timeout > 0 and self.store.wait(self.position, timeout):
+            batch = self._read(limit)
+        return batch
+
+    def _read(self, limit: int) -> list[Envelope]:
+        if self.interest is None:
             batch = self.store.read(self.position, limit)
-        if batch:
-            self.position = batch[-1].position or self.position
+            if batch:
+                self.position = batch[-1].position or self.position
+            return batch
+        upto = self.store.last_position()
+        batch = self.store.read(self.position, limit, upto=upto, interest=self.interest)
+        # a short batch means every event up to `upto` was looked at
+        self.position = upto if len(batch) < limit else batch[-1].position or self.position
         return batch
 
 

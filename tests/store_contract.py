@@ -164,3 +164,17 @@ class LogStoreContract(EventStoreContract):
         with pytest.raises(ConcurrencyConflict):
             store.append([envelope(), e])
         assert len(store.read(0)) == 1
+
+    def test_read_leaves_out_what_the_reader_does_not_want(self, store: LogStore) -> None:  # type: ignore[override]
+        from choreo.store import Interest
+
+        store.append([envelope(type_="A"), envelope(type_="B"), envelope(type_="Odd"),
+                      replace(envelope(type_="B"), outcome="failed")])
+        wants = Interest(types=frozenset({"A"}), failures=True, known=frozenset({"A", "B"}))
+        assert [(e.type, e.outcome) for e in store.read(0, 10, interest=wants)] == [
+            ("A", None), ("Odd", None), ("B", "failed")]
+        assert [e.type for e in store.read(0, 10, upto=2)] == ["A", "B"]
+        feed = store.feed("reader", dict, interest=Interest(types=frozenset({"A"})))
+        assert [e.type for e in feed.poll(10)] == ["A"] and feed.poll(10) == []
+        store.append([envelope(type_="B"), envelope(type_="A")])
+        assert [e.position for e in feed.poll(10)] == [6]  # it skipped what it looked at before
