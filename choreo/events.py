@@ -123,9 +123,9 @@ class Envelope:
         """Return the event, validated against its schema."""
         return decode_payload(self.type, self.version, self.payload)
 
-    def at(self, position: int, source: str = "log") -> Envelope:
-        """Return this envelope with its position (in `source`) set."""
-        return replace(self, position=position, source=source)
+    def at(self, position: int) -> Envelope:
+        """Return this envelope with its log position set."""
+        return replace(self, position=position)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the envelope as a JSON-ready dict (the payload as an object)."""

@@ -224,10 +224,9 @@ class Processor:
             attempts += 1
             uow = self._new_uow()
             try:
-                if first_error is not None and not isinstance(first_error, _Park):
+                if first_error is not None:  # attempt 1 already failed inside the batch
                     error, first_error = first_error, None
                     raise error
-                first_error = None
                 self._handle(env, uow)
             except _Park as p:
                 uow.discard()
