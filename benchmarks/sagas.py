@@ -21,7 +21,7 @@ from typing import Any
 from uuid import uuid4
 
 from choreo import Runner, open_store
-from choreo.store import Feed
+from choreo.store import Feed, Interest
 from services import system
 from services.checks import END_TYPES
 from services.contracts import OrderPlaced
@@ -47,7 +47,7 @@ def measure(store_url: str, sagas: int, sequential: int, processes: bool) -> dic
     else:
         runner = Runner(system, store)
         runner.start_threads()
-    feed = store.feed(f"bench-{uuid4()}", dict, group=False)
+    feed = store.feed(f"bench-{uuid4()}", dict, group=False, interest=Interest(frozenset(END_TYPES)))
     try:
         # warm-up: one saga end to end (consumer groups joined, files open)
         system.start(store, happy_order(-1), saga_id=f"warm-{uuid4()}")
@@ -63,8 +63,7 @@ def measure(store_url: str, sagas: int, sequential: int, processes: bool) -> dic
             latencies.append(time.perf_counter() - t0)
         ids = [f"thr-{uuid4()}" for _ in range(sagas)]
         t0 = time.perf_counter()
-        for i, saga_id in enumerate(ids):
-            system.start(store, happy_order(i), saga_id=saga_id)
+        system.start_many(store, [(happy_order(i), saga_id) for i, saga_id in enumerate(ids)])
         waiting = set(ids)
         while waiting:
             waiting.difference_update(_ends(feed, 0.5))

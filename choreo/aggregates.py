@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
@@ -54,7 +55,12 @@ class Aggregate(_ESAggregate):
 
 def aggregate_id(cls: type, key: object) -> UUID:
     """Return the id of the aggregate of class `cls` with the business key `key`."""
-    return uuid5(_NAMESPACE, f"{cls.__module__}.{cls.__qualname__}:{key}")
+    return _id_of(f"{cls.__module__}.{cls.__qualname__}:{key}")
+
+
+@lru_cache(maxsize=65_536)
+def _id_of(name: str) -> UUID:
+    return uuid5(_NAMESPACE, name)
 
 
 def create_with_id(cls: type[Aggregate], agg_id: UUID, **kwargs: Any) -> Aggregate:

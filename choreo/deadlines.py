@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, uuid5
@@ -29,6 +30,11 @@ class DeadlineSpec:
     after: timedelta
     fn: Callable[..., Any]
     fails_saga: bool = True
+
+    @cached_property
+    def cancel_types(self) -> frozenset[str]:
+        """The event types that cancel this deadline."""
+        return frozenset(e.event_type for e in self.cancel_on)
 
 
 @dataclass(frozen=True)

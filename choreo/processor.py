@@ -313,16 +313,15 @@ class Processor:
 
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
         for spec in self.service.deadlines.values():
-            timer_id = deadline_id(self.service.name, env.saga_id, spec.name)
             if env.type == spec.start_on.event_type:
                 uow.deadlines.append(Deadline(
-                    id=timer_id, service=self.service.name, name=spec.name, saga_id=env.saga_id,
+                    id=deadline_id(self.service.name, env.saga_id, spec.name), service=self.service.name, name=spec.name, saga_id=env.saga_id,
                     due_at=clock.now() + spec.after, status=SCHEDULED, cause_event_id=env.event_id,
                     cause_type=env.type, cause_version=env.version, cause_payload=env.payload,
                 ))
-            elif env.type in {e.event_type for e in spec.cancel_on}:
+            elif env.type in spec.cancel_types:
                 uow.deadlines.append(Deadline(
-                    id=timer_id, service=self.service.name, name=spec.name, saga_id=env.saga_id,
+                    id=deadline_id(self.service.name, env.saga_id, spec.name), service=self.service.name, name=spec.name, saga_id=env.saga_id,
                     due_at=clock.now(), status=CANCELLED, cause_event_id=env.event_id,
                 ))
 

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import groupby
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -283,18 +284,20 @@ class _Cursor:
                 raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
 
     def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
-        positions = []
-        for e in envelopes:
-            self.c.execute(
-                "INSERT INTO choreo_log (event_id, type, version, saga_id, causation_id, "
-                "service, step, outcome, occurred_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    e.event_id, e.type, e.version, e.saga_id, e.causation_id, e.service,
-                    e.step, e.outcome, e.occurred_at.isoformat(), e.payload,
-                ),
-            )
-            positions.append(int(self.c.lastrowid or 0))
-        return positions
+        """Append to the log; return the positions (consecutive: the transaction holds the write lock)."""
+        if not envelopes:
+            return []
+        self.c.executemany(
+            "INSERT INTO choreo_log (event_id, type, version, saga_id, causation_id, "
+            "service, step, outcome, occurred_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [
+                (e.event_id, e.type, e.version, e.saga_id, e.causation_id, e.service,
+                 e.step, e.outcome, e.occurred_at.isoformat(), e.payload)
+                for e in envelopes
+            ],
+        )
+        last = int(self.c.execute("SELECT last_insert_rowid()").fetchone()[0])
+        return list(range(last - len(envelopes) + 1, last + 1))
 
 
 class _SQLiteServiceStore(ServiceStore):
@@ -379,28 +382,29 @@ class _SQLiteServiceStore(ServiceStore):
                     "last_failed_at = ? WHERE id = ?",
                     (d.status, d.reason, d.error, d.attempts, d.last_failed_at.isoformat(), d.id),
                 )
-            for t in deadlines:
-                self._deadline(c, t)
+            for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together
+                self._deadlines_of(c, status, list(run))
             if handled and self.store.dedupe:
                 c.c.executemany(f"INSERT INTO {self._handled} VALUES (?)", [(i,) for i in handled])
             c.track(self._tracking, tracking, self.name)
 
-    def _deadline(self, c: _Cursor, t: Deadline) -> None:
-        row = (t.id, t.name, t.saga_id, t.due_at.astimezone(timezone.utc).isoformat(), t.status, t.cause_event_id,
-               t.cause_type, t.cause_version, t.cause_payload)
-        if t.status == SCHEDULED:
-            c.c.execute(f"INSERT OR IGNORE INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?)", row)
-        elif t.status == CANCELLED:
-            c.c.execute(
+    def _deadlines_of(self, c: _Cursor, status: str, timers: list[Deadline]) -> None:
+        rows = [(t.id, t.name, t.saga_id, t.due_at.astimezone(timezone.utc).isoformat(), t.status, t.cause_event_id,
+                 t.cause_type, t.cause_version, t.cause_payload) for t in timers]
+        if status == SCHEDULED:
+            c.c.executemany(f"INSERT OR IGNORE INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        elif status == CANCELLED:
+            c.c.executemany(
                 f"INSERT INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) "
-                f"DO UPDATE SET status = 'cancelled' WHERE {self._deadlines}.status = 'scheduled'", row,
+                f"DO UPDATE SET status = 'cancelled' WHERE {self._deadlines}.status = 'scheduled'", rows,
             )
         else:
-            c.c.execute(
-                f"UPDATE {self._deadlines} SET status = ? WHERE id = ? AND status = 'scheduled'", (t.status, t.id)
-            )
-            if c.c.rowcount != 1:
-                raise ConcurrencyConflict(f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled")
+            for t in timers:
+                c.c.execute(
+                    f"UPDATE {self._deadlines} SET status = ? WHERE id = ? AND status = 'scheduled'", (t.status, t.id)
+                )
+                if c.c.rowcount != 1:
+                    raise ConcurrencyConflict(f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled")
 
     def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
         rows = self.store._query(

@@ -181,10 +181,14 @@ class Interest:
 
     def wants(self, env: Envelope) -> bool:
         """Whether the reader wants `env`."""
+        return self.wants_type(env.type, env.outcome)
+
+    def wants_type(self, type: str, outcome: str | None) -> bool:
+        """Whether the reader wants an event of this type and outcome."""
         return (
-            env.type in self.types
-            or (self.failures and env.outcome == "failed")
-            or (self.known is not None and env.type not in self.known)
+            type in self.types
+            or (self.failures and outcome == "failed")
+            or (self.known is not None and type not in self.known)
         )
 
 

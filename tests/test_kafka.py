@@ -13,6 +13,7 @@ from kafka import KafkaProducer
 
 from choreo import Processor, StoreError, open_store
 from choreo.kafka import KafkaStore, decode_record, encode_record
+from choreo.store import Interest
 from choreo.tansu import free_port
 from services import inventory
 from services.contracts import OrderPlaced
@@ -63,6 +64,26 @@ def test_records_that_are_not_envelopes_are_parked_with_their_offset(kafka_url: 
     until(lambda: stock(store) is not None, lambda: proc.poll(0.5))  # the good saga went on
     assert stock(store) == inventory.CATALOG["widget"] - PLACED.quantity
     proc.close()
+    store.close()
+
+
+def test_a_feed_skips_by_header_what_its_reader_does_not_want_and_decodes_the_rest(kafka_url: str) -> None:
+    store = kafka(kafka_url)
+    raw = KafkaProducer(bootstrap_servers=store.settings.servers)
+    raw.send(store.topic, key=b"s-1", value=b"garbage", headers=[("choreo-type", b"ShipmentCreated")])
+    raw.send(store.topic, key=b"s-2", value=b"garbage", headers=[("choreo-type", b"OrderPlaced")])
+    raw.send(store.topic, key=b"s-3", value=b"garbage")
+    raw.flush()
+    raw.close()
+    store.append([_with(trigger(), saga_id="s-4"), _with(trigger(), type="ShipmentCreated", saga_id="s-5")])
+    feed = store.feed("reader", dict, group=False, interest=Interest(frozenset({"OrderPlaced"})))
+    got: list = []  # type: ignore[type-arg]
+    until(lambda: len(got) >= 3, lambda: got.extend(feed.poll(100, 0.5)))
+    time.sleep(0.5)
+    got += feed.poll(100, 0.5)
+    assert sorted(e.saga_id for e in got) == ["s-2", "s-3", "s-4"]  # by header: s-1 and s-5 left out
+    assert [e.saga_id for e in got if e.malformed] == ["s-2", "s-3"]  # decoded: so a service parks them
+    feed.close()
     store.close()
 
 
