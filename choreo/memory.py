@@ -88,15 +88,27 @@ def forward(have: Tracking, to: Mapping[str, int], owner: str) -> Tracking:
 class _InMemoryDocumentStore(DocumentStore):
     def __init__(self) -> None:
         self._docs: dict[str, str] = {}
+        self._entries: dict[str, list[str]] = {}
         self._tracking: Tracking = {}
 
     def get(self, key: str) -> dict[str, Any] | None:
         text = self._docs.get(key)
         return None if text is None else json.loads(text)
 
-    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
+    def put(
+        self,
+        docs: dict[str, dict[str, Any]],
+        *,
+        tracking: Mapping[str, int],
+        appended: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
         self._tracking = forward(self._tracking, tracking, "read model")
         self._docs.update({k: json.dumps(v) for k, v in docs.items()})
+        for key, entries in (appended or {}).items():
+            self._entries.setdefault(key, []).extend(json.dumps(e) for e in entries)
+
+    def entries(self, key: str) -> list[Any]:
+        return [json.loads(e) for e in self._entries.get(key, ())]
 
     def scan(self) -> Iterator[dict[str, Any]]:
         for text in list(self._docs.values()):
@@ -107,6 +119,7 @@ class _InMemoryDocumentStore(DocumentStore):
 
     def clear(self) -> None:
         self._docs.clear()
+        self._entries.clear()
         self._tracking = {}
 
 

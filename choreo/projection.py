@@ -1,132 +1,167 @@
 """The saga projection: every saga's state, steps and timeline, built from the log alone.
 
 The projection never reads a service's state. It folds each event of the log
-into a per-saga document, and keeps those documents and its own tracking
-position in its own store, committed together, so it processes each event
-exactly once and resumes after a restart. `replay()` rebuilds from position 0
-and gives exactly what incremental updates give, because both use `apply()`.
+into a per-saga document (state, steps, cause) and appends the event's timeline
+entry to the saga's journal; documents, journal entries and its own tracking
+position are committed together, so it processes each event exactly once and
+resumes after a restart. A batch writes each touched document once and each
+entry once (a saga's timeline is never rewritten). `replay()` rebuilds from
+position 0 and gives exactly what incremental updates give: both use `apply()`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from choreo import clock
 from choreo.errors import ConcurrencyConflict
-from choreo.events import Envelope, Outcome, is_known_type
+from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
 from choreo.saga import SagaDefinition
-from choreo.store import EventStore, advance
+from choreo.store import EventStore, Row, advance_rows
 
 FINAL_STATES = frozenset({"completed", "failed"})
 NO_SAGA = "(no saga id)"
 _NOTES = frozenset({HandlerRetried.event_type, EventParked.event_type, DeadLetterResolved.event_type})
+_PARKED, _RESOLVED = EventParked.event_type, DeadLetterResolved.event_type
+_SEEN = "event_ids"  # every event a saga document has folded in (redeliveries are ignored)
+_HIDDEN = frozenset({_SEEN, "timeline"})
+#: the name of the projection's documents in the store (`rm_sagas_*` tables on SQLite)
+DOCUMENTS = "sagas"
 STATES = ("started", "running", "compensating", "completed", "failed", "stuck")
 
 
-def entry_of(env: Envelope) -> dict[str, Any]:
-    """The timeline entry of an event: what the projection keeps of it."""
-    entry: dict[str, Any] = {
-        "position": env.position,
-        "event_id": env.event_id,
-        "type": env.type,
-        "service": env.service,
-        "step": env.step,
-        "outcome": env.outcome,
-        "occurred_at": env.occurred_at.isoformat(),
-        "causation_id": env.causation_id,
-    }
+#: A timeline entry is stored compactly as a list: these fields in this order, then a dict
+#: of what only some events have (`unknown`, `cause`, `attempts`, `note`).
+FIELDS = ("position", "event_id", "type", "service", "step", "outcome", "occurred_at", "causation_id")
+_POSITION, _ID, _TYPE, _SERVICE, _STEP, _OUTCOME, _AT, _CAUSATION, _EXTRA = range(9)
+
+
+def entry_of(row: Row) -> list[Any]:
+    """The timeline entry of a log row (see `choreo.store.ROW_FIELDS`): what the projection keeps."""
+    position, event_id, kind, version, _, causation_id, service, step, outcome, when, text, _ = row
+    extra: dict[str, Any] = {}
+    entry = [position, event_id, kind, service, step, outcome, str(when), causation_id, extra]
     # The writer validated the event against its schema; a replay only needs to know the
     # type and read the payload's JSON (re-validating every event would cost most of it).
-    if not is_known_type(env.type):
-        entry["unknown"] = f"unknown event type {env.type!r} (schema version {env.version})"
+    if not is_known_type(kind):
+        extra["unknown"] = f"unknown event type {kind!r} (schema version {version})"
         return entry
     try:
-        payload = json.loads(env.payload)
+        if not isinstance(text, str):
+            raise ValueError(f"stored as {type(text).__name__}")
+        payload = orjson.loads(text)
         if not isinstance(payload, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        entry["unknown"] = f"{env.type}: payload is not a JSON object: {e}"
+        extra["unknown"] = f"{kind}: payload is not a JSON object: {e}"
         return entry
-    if env.outcome == Outcome.FAILED:
+    if outcome == Outcome.FAILED:
         reason = payload.get("reason")
-        entry["cause"] = f"{env.type}: {reason}" if reason else env.type
-    if env.type in _NOTES:
+        extra["cause"] = f"{kind}: {reason}" if reason else kind
+    if kind in _NOTES:
         if "attempts" in payload:
-            entry["attempts"] = payload["attempts"]
-        if env.type == EventParked.event_type:
-            entry["note"] = payload.get("reason", "")
-        elif env.type == DeadLetterResolved.event_type:
-            entry["note"] = f"{payload.get('status')}: {payload.get('reason', '')}"
+            extra["attempts"] = payload["attempts"]
+        if kind == _PARKED:
+            extra["note"] = payload.get("reason", "")
+        elif kind == _RESOLVED:
+            extra["note"] = f"{payload.get('status')}: {payload.get('reason', '')}"
     return entry
 
 
+def as_dict(entry: Sequence[Any]) -> dict[str, Any]:
+    """A stored timeline entry as the dict `SagaProjection.get()` shows."""
+    return {**dict(zip(FIELDS, entry)), **entry[_EXTRA]}
+
+
 def new_saga(saga_id: str) -> dict[str, Any]:
-    """An empty saga document."""
+    """An empty saga document (its timeline is kept apart, entry by entry)."""
     return {
         "saga_id": saga_id, "saga_type": None, "state": "started", "started_at": None,
-        "ended_at": None, "updated_at": None, "cause": None, "steps": {}, "timeline": [],
-        "unknown_events": 0,
+        "ended_at": None, "updated_at": None, "cause": None, "steps": {}, "unknown_events": 0,
+        _SEEN: [],
     }
 
 
-def apply(saga: dict[str, Any], entry: dict[str, Any], definitions: Sequence[SagaDefinition]) -> None:
-    """Fold one timeline entry into a saga document (the one rule for updates and replays)."""
-    if any(e["event_id"] == entry["event_id"] for e in saga["timeline"]):
-        return  # the same event delivered again
-    when = entry["occurred_at"]
-    saga["timeline"].append(entry)
+@dataclass(frozen=True)
+class Catalog:
+    """The saga definitions a projection knows, looked up by start event and by name."""
+
+    by_start: Mapping[str, SagaDefinition]
+    by_name: Mapping[str, SagaDefinition]
+
+    @classmethod
+    def of(cls, definitions: Iterable[SagaDefinition]) -> Catalog:
+        """Index `definitions`."""
+        definitions = tuple(definitions)
+        return cls({d.start.event_type: d for d in reversed(definitions)}, {d.name: d for d in reversed(definitions)})
+
+
+def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
+    """Fold one timeline entry into a saga document (the one rule for updates and replays).
+
+    Returns False, changing nothing, if the saga has this event already.
+    """
+    seen, event_id = saga[_SEEN], entry[_ID]
+    if event_id in seen:
+        return False  # the same event delivered again
+    seen.append(event_id)
+    when, kind, extra = entry[_AT], entry[_TYPE], entry[_EXTRA]
     saga["updated_at"] = when
-    if "unknown" in entry:
+    if "unknown" in extra:
         saga["unknown_events"] += 1
-        return
+        return True
+    steps = saga["steps"]
     if saga["started_at"] is None:
         saga["started_at"] = when
-        definition = next((d for d in definitions if d.start.event_type == entry["type"]), None)
-        saga["saga_type"] = definition.name if definition else entry["type"]
-        if definition:
-            for name in definition.steps:
-                saga["steps"][name] = _step(None)
-    definition = next((d for d in definitions if d.name == saga["saga_type"]), None)
-    step, outcome = entry["step"], entry["outcome"]
-    if entry["type"] == EventParked.event_type:
+        started = catalog.by_start.get(kind)
+        saga["saga_type"] = started.name if started else kind
+        if started:
+            for name in started.steps:
+                steps[name] = _step(None)
+    definition = catalog.by_name.get(saga["saga_type"])
+    step, outcome, service = entry[_STEP], entry[_OUTCOME], entry[_SERVICE]
+    if kind == _PARKED:
         saga["parked"] = saga.get("parked", 0) + 1
-    elif entry["type"] == DeadLetterResolved.event_type:
+    elif kind == _RESOLVED:
         saga["parked"] = max(0, saga.get("parked", 0) - 1)
-    if step and "attempts" in entry:  # retries and parking, shown on the step they concern
-        info = saga["steps"].setdefault(step, _step(entry["service"]))
-        info["attempts"] = info.get("attempts", 1) + entry["attempts"] - 1
-        if entry["type"] == EventParked.event_type:
-            info["parked"] = entry["note"]
+    if step and "attempts" in extra:  # retries and parking, shown on the step they concern
+        info = steps.get(step) or steps.setdefault(step, _step(service))
+        info["attempts"] = info.get("attempts", 1) + extra["attempts"] - 1
+        if kind == _PARKED:
+            info["parked"] = extra["note"]
     if outcome == Outcome.FAILED and not step and saga["cause"] is None:  # a deadline or an operator
-        saga["cause"] = f"{entry['service']}: {entry.get('cause', entry['type'])}"
+        saga["cause"] = f"{service}: {extra.get('cause', kind)}"
     if step and outcome:
-        info = saga["steps"].setdefault(step, _step(entry["service"]))
-        info["service"] = entry["service"]
-        info["events"].append(entry["event_id"])
+        info = steps.get(step) or steps.setdefault(step, _step(service))
+        info["service"] = service
+        info["events"].append(event_id)
         info[f"{outcome}_at"] = when
         info["status"] = outcome
         if outcome == Outcome.FAILED and saga["cause"] is None:
-            saga["cause"] = f"{step}: {entry.get('cause', entry['type'])}"
+            saga["cause"] = f"{step}: {extra.get('cause', kind)}"
     failed = saga["cause"] is not None
     if failed:
-        for info in saga["steps"].values():
+        for info in steps.values():
             if info["status"] == Outcome.COMPLETED:
                 info["status"] = "compensating"
     if saga["ended_at"] is None:
-        if definition and entry["type"] in definition.end_types:
+        if definition and kind in definition.end_types:
             saga["ended_at"] = when
-        pending = [s for s in saga["steps"].values() if s["status"] == "compensating"]
         if failed:
+            pending = any(s["status"] == "compensating" for s in steps.values())
             saga["state"] = "compensating" if pending or (definition and not saga["ended_at"]) else "failed"
         elif saga["ended_at"]:
             saga["state"] = "completed"
-        elif any(s["status"] != "pending" for s in saga["steps"].values()):
+        elif saga["state"] == "started" and any(s["status"] != "pending" for s in steps.values()):
             saga["state"] = "running"
+    return True
 
 
 def _step(service: str | None) -> dict[str, Any]:
@@ -165,14 +200,15 @@ class SagaProjection:
         *,
         sagas: Iterable[SagaDefinition] = (),
         stuck_after: timedelta | None = timedelta(minutes=5),
-        batch_size: int = 5000,
+        batch_size: int = 10_000,
     ) -> None:
         self.store = store
         self.definitions = tuple(sagas)
+        self.catalog = Catalog.of(self.definitions)
         self.stuck_after = stuck_after
         self.batch_size = batch_size
-        self.documents = store.documents("projection")
-        self.feed = store.feed("projection", self.documents.tracking, group=False)
+        self.documents = store.documents(DOCUMENTS)
+        self.feed = store.feed(DOCUMENTS, self.documents.tracking, group=False)
 
     def update(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Fold every new event of the log into the read model; return how many were read.
@@ -181,14 +217,19 @@ class SagaProjection:
         """
         total = 0
         size = self.store.size_hint()
-        while batch := self.feed.poll(self.batch_size, self.store.idle_timeout):
-            touched = self.documents.get_many({env.saga_id or NO_SAGA for env in batch})
-            for env in batch:
-                saga_id = env.saga_id or NO_SAGA
-                saga = touched.get(saga_id) or touched.setdefault(saga_id, new_saga(saga_id))
-                apply(saga, entry_of(env), self.definitions)
+        while batch := self.feed.poll_rows(self.batch_size, self.store.idle_timeout):
+            touched = self.documents.get_many({row[4] or NO_SAGA for row in batch})
+            timelines: dict[str, list[list[Any]]] = {}
+            for row in batch:
+                saga_id = row[4] or NO_SAGA
+                saga = touched.get(saga_id)
+                if saga is None:
+                    saga = touched[saga_id] = new_saga(saga_id)
+                entry = entry_of(row)
+                if apply(saga, entry, self.catalog):
+                    timelines.setdefault(saga_id, []).append(entry)
             try:
-                self.documents.put(touched, tracking=advance(batch))
+                self.documents.put(touched, tracking=advance_rows(batch), appended=timelines)
             except ConcurrencyConflict:  # another process updated the read model first
                 self.feed.rewind()
                 continue
@@ -212,17 +253,21 @@ class SagaProjection:
         saga = self.documents.get(saga_id)
         if saga is None:
             return None
+        timeline = self.documents.entries(saga_id)
         if as_of is not None:
-            old = new_saga(saga_id)
-            for entry in saga["timeline"]:
+            saga, upto = new_saga(saga_id), []
+            for entry in timeline:
                 if isinstance(as_of, int):
-                    later = entry["position"] > as_of
+                    later = entry[_POSITION] > as_of
                 else:
-                    later = datetime.fromisoformat(entry["occurred_at"]) > as_of
+                    later = datetime.fromisoformat(entry[_AT]) > as_of
                 if later:
                     break
-                apply(old, entry, self.definitions)
-            saga = old
+                apply(saga, entry, self.catalog)
+                upto.append(entry)
+            timeline = upto
+        saga = {k: v for k, v in saga.items() if k not in _HIDDEN}
+        saga["timeline"] = [as_dict(e) for e in timeline]
         saga["state"] = effective_state(saga, clock.now(), self.stuck_after)
         return saga
 
@@ -244,7 +289,7 @@ class SagaProjection:
                 continue
             if where.started_before and (started is None or started >= where.started_before):
                 continue
-            summary = {k: v for k, v in saga.items() if k != "timeline"}
+            summary = {k: v for k, v in saga.items() if k not in _HIDDEN}
             summary["state"] = state
             out.append(summary)
         return sorted(out, key=lambda s: (s["started_at"] or "", s["saga_id"]))

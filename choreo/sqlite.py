@@ -31,13 +31,14 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
+import orjson
 from eventsourcing.persistence import StoredEvent
 
 from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
 from choreo.events import Envelope
 from choreo.store import (
-    DeadLetter, DocumentStore, Interest, LogStore, ServiceStore, Tracking, check_service_name,
+    DeadLetter, DocumentStore, Interest, LogStore, Row, ServiceStore, Tracking, check_service_name,
 )
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -80,7 +81,9 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 """
 _DOCUMENT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rm_{name}_entries (id INTEGER PRIMARY KEY, key TEXT NOT NULL, entries TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS rm_{name}_entries_by_key ON rm_{name}_entries (key, id);
 CREATE TABLE IF NOT EXISTS rm_{name}_tracking (source TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
 """
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -220,6 +223,11 @@ class SQLiteStore(LogStore):
             f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?", (*params, limit)
         )
         return [_envelope(r) for r in rows]
+
+    def read_rows(self, after: int, limit: int = 500) -> list[Row]:
+        return self._query(
+            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > ? ORDER BY position LIMIT ?", (after, limit)
+        )
 
     def last_position(self) -> int:
         return self._query("SELECT MAX(position) FROM choreo_log")[0][0] or 0
@@ -444,11 +452,16 @@ class _SQLiteDocumentStore(DocumentStore):
         self.store = store
         self.name = name
         self._docs = f"rm_{name}_documents"
+        self._entries = f"rm_{name}_entries"
         self._tracking = f"rm_{name}_tracking"
 
     def get(self, key: str) -> dict[str, Any] | None:
         rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
-        return json.loads(rows[0][0]) if rows else None
+        return orjson.loads(rows[0][0]) if rows else None
+
+    def entries(self, key: str) -> list[Any]:
+        rows = self.store._query(f"SELECT entries FROM {self._entries} WHERE key = ? ORDER BY id", (key,))
+        return [entry for row in rows for entry in orjson.loads(row[0])]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted, found = list(keys), {}
@@ -456,15 +469,26 @@ class _SQLiteDocumentStore(DocumentStore):
             chunk = wanted[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for key, doc in self.store._query(f"SELECT key, doc FROM {self._docs} WHERE key IN ({marks})", chunk):
-                found[key] = json.loads(doc)
+                found[key] = orjson.loads(doc)
         return found
 
-    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
+    def put(
+        self,
+        docs: dict[str, dict[str, Any]],
+        *,
+        tracking: Mapping[str, int],
+        appended: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
         with self.store._write() as c:
             c.c.executemany(
                 f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
-                [(k, json.dumps(v)) for k, v in docs.items()],
+                [(k, orjson.dumps(v).decode()) for k, v in docs.items()],
             )
+            if appended:
+                c.c.executemany(
+                    f"INSERT INTO {self._entries} (key, entries) VALUES (?, ?)",
+                    [(k, orjson.dumps(v).decode()) for k, v in appended.items() if v],
+                )
             c.track(self._tracking, tracking, f"read model {self.name}")
 
     def scan(self) -> Iterator[dict[str, Any]]:
@@ -474,7 +498,7 @@ class _SQLiteDocumentStore(DocumentStore):
         ):
             after = rows[-1][0]
             for row in rows:
-                yield json.loads(row[1])
+                yield orjson.loads(row[1])
 
     def tracking(self) -> Tracking:
         return self.store._tracked(self._tracking)
@@ -482,6 +506,7 @@ class _SQLiteDocumentStore(DocumentStore):
     def clear(self) -> None:
         with self.store._write() as c:
             c.c.execute(f"DELETE FROM {self._docs}")
+            c.c.execute(f"DELETE FROM {self._entries}")
             c.c.execute(f"DELETE FROM {self._tracking}")
 
 

@@ -72,6 +72,23 @@ def advance(batch: Sequence[Envelope]) -> Tracking:
     return reached
 
 
+#: The fields of a log row (`Feed.poll_rows()`), in order; `occurred_at` is ISO 8601 text.
+ROW_FIELDS = ("position", "event_id", "type", "version", "saga_id", "causation_id", "service", "step",
+              "outcome", "occurred_at", "payload", "source")
+Row = tuple[Any, ...]
+
+
+def row_of(env: Envelope) -> Row:
+    """An envelope as a log row (see `ROW_FIELDS`)."""
+    return (env.position, env.event_id, env.type, env.version, env.saga_id, env.causation_id, env.service,
+            env.step, env.outcome, env.occurred_at.isoformat(), env.payload, env.source)
+
+
+def advance_rows(rows: Sequence[Row]) -> Tracking:
+    """`advance()` for log rows."""
+    return {row[11]: row[0] or 0 for row in rows}
+
+
 class ServiceStore(ABC):
     """One service's private state: aggregate events, tracking, handled ids, dead letters."""
 
@@ -147,8 +164,19 @@ class DocumentStore(ABC):
         return {k: d for k in keys if (d := self.get(k)) is not None}
 
     @abstractmethod
-    def put(self, docs: dict[str, dict[str, Any]], *, tracking: Mapping[str, int]) -> None:
-        """Store documents and move the tracking forward, atomically (`ConcurrencyConflict` if not forward)."""
+    def put(
+        self,
+        docs: dict[str, dict[str, Any]],
+        *,
+        tracking: Mapping[str, int],
+        appended: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        """Store documents, append `appended[key]` to each key's entries, and move the tracking
+        forward, atomically (`ConcurrencyConflict` if it would not move forward)."""
+
+    @abstractmethod
+    def entries(self, key: str) -> list[Any]:
+        """Return every entry (a JSON value) appended under `key`, oldest first."""
 
     @abstractmethod
     def scan(self) -> Iterator[dict[str, Any]]:
@@ -164,7 +192,7 @@ class DocumentStore(ABC):
 
     @abstractmethod
     def clear(self) -> None:
-        """Drop every document and the tracking."""
+        """Drop every document, every entry and the tracking."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +226,10 @@ class Feed(ABC):
     @abstractmethod
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
         """Return up to `limit` new envelopes; wait up to `timeout` seconds when there are none."""
+
+    def poll_rows(self, limit: int, timeout: float = 0.0) -> list[Row]:
+        """`poll()` as plain rows (see `ROW_FIELDS`): cheaper for a reader that only looks at events."""
+        return [row_of(env) for env in self.poll(limit, timeout)]
 
     @abstractmethod
     def rewind(self) -> None:
@@ -271,6 +303,10 @@ class LogStore(EventStore):
         With `interest`, only the events it wants.
         """
 
+    def read_rows(self, after: int, limit: int = 500) -> list[Row]:
+        """`read()` as plain rows (see `ROW_FIELDS`)."""
+        return [row_of(env) for env in self.read(after, limit)]
+
     @abstractmethod
     def last_position(self) -> int:
         """Return the position of the last event in the log (0 if empty)."""
@@ -303,6 +339,16 @@ class _LogFeed(Feed):
         if not batch and timeout > 0 and self.store.wait(self.position, timeout):
             batch = self._read(limit)
         return batch
+
+    def poll_rows(self, limit: int, timeout: float = 0.0) -> list[Row]:
+        if self.interest is not None:
+            return super().poll_rows(limit, timeout)
+        rows = self.store.read_rows(self.position, limit)
+        if not rows and timeout > 0 and self.store.wait(self.position, timeout):
+            rows = self.store.read_rows(self.position, limit)
+        if rows:
+            self.position = rows[-1][0]
+        return rows
 
     def _read(self, limit: int) -> list[Envelope]:
         if self.interest is None:

@@ -129,6 +129,17 @@ class EventStoreContract:
         docs.clear()
         assert docs.get("a") is None and docs.tracking() == {}
 
+    def test_read_model_entries_are_appended_in_order_with_the_documents(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        docs.put({"a": {"n": 1}}, tracking={"log": 1}, appended={"a": [{"i": 1}, {"i": 2}], "b": [{"i": 9}]})
+        docs.put({"a": {"n": 2}}, tracking={"log": 2}, appended={"a": [{"i": 3}]})
+        with pytest.raises(ConcurrencyConflict):  # nothing of a batch that conflicts is written
+            docs.put({"a": {"n": 3}}, tracking={"log": 2}, appended={"a": [{"i": 4}]})
+        assert docs.entries("a") == [{"i": 1}, {"i": 2}, {"i": 3}] and docs.entries("b") == [{"i": 9}]
+        assert docs.entries("missing") == [] and docs.get("a") == {"n": 2}
+        docs.clear()
+        assert docs.entries("a") == []
+
     def test_dead_letters_round_trip(self, store: EventStore) -> None:
         svc = store.service("alpha")
         d = DeadLetter(

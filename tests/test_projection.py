@@ -14,7 +14,7 @@ from freezegun import freeze_time
 
 import services
 from choreo import Envelope, EventStore, InMemoryStore, SagaFilter, SagaProjection
-from choreo.projection import dumps
+from choreo.projection import DOCUMENTS, dumps
 from choreo.store import DocumentStore
 from choreo.testing import TestSystem
 from services.contracts import OrderPlaced
@@ -55,7 +55,8 @@ def interleave(log: list[Envelope], rng: random.Random, dup_rate: float) -> list
 
 
 def snapshot(documents: DocumentStore) -> list[str]:
-    return sorted(dumps(d) for d in documents.scan())
+    """Every saga document with its timeline, canonically."""
+    return sorted(dumps({**d, "timeline": documents.entries(d["saga_id"])}) for d in documents.scan())
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -185,7 +186,7 @@ def test_project_runs_in_its_own_process_and_stops_on_sigterm(tmp_path: Path) ->
         runner.start(order, saga_id=saga_id)
     runner.run_until_idle()
     proc = subprocess.Popen([sys.executable, "-m", "choreo", "project", "--store", url], cwd=tmp_path)
-    documents = harness_store.documents("projection")
+    documents = harness_store.documents(DOCUMENTS)
     deadline = time.monotonic() + 60
     while documents.position() < harness_store.last_position() and time.monotonic() < deadline:
         time.sleep(0.05)
