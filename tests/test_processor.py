@@ -204,3 +204,21 @@ def test_creating_an_aggregate_whose_key_is_taken_is_parked_with_a_clear_reason(
     (parked,) = any_store.service("orders").dead_letters()
     assert parked.event_id == "other" and "AggregateExists" in parked.reason
     assert f"a Order with key {SAGA!r} already exists" in parked.reason
+
+
+def test_an_aggregate_created_by_an_earlier_process_is_found_when_created_again(any_store: EventStore) -> None:
+    from choreo import RetryPolicy
+    from choreo.aggregates import load_aggregate
+    from services import orders
+
+    first = envelope_of(PLACED, service="orders")
+    any_store.append([first])
+    Processor(orders.service, any_store).run_until_idle()
+    again = Envelope(**{**first.to_dict(), "event_id": "other", "payload": first.payload,
+                        "occurred_at": T0, "position": None, "source": "log"})
+    any_store.append([again])  # a new process (nothing cached) sees the saga started again
+    Processor(orders.service, any_store, retry=RetryPolicy(max_attempts=2, base_delay=0.001)).run_until_idle()
+    (parked,) = any_store.service("orders").dead_letters()
+    assert parked.event_id == "other" and f"a Order with key {SAGA!r} already exists" in parked.reason
+    order = load_aggregate(any_store.service("orders"), orders.Order, SAGA)
+    assert order is not None and order.version == 1  # the order was not created twice
