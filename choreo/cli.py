@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one service in this process until SIGINT/SIGTERM")
     run.add_argument("target", help="MODULE:SERVICE, e.g. services.payment:service")
     run.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
-    run.add_argument("--batch-size", type=int, default=200, help="events per transaction (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=1000, help="events per transaction (default: %(default)s)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries before an event is parked (default: %(default)s)")
     run.set_defaults(func=_run)
 

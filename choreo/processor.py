@@ -54,7 +54,7 @@ class Processor:
         service: Service,
         store: EventStore,
         *,
-        batch_size: int = 200,
+        batch_size: int = 1000,
         cache_size: int = 20_000,
         retry: RetryPolicy | None = None,
     ) -> None:

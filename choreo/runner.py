@@ -29,7 +29,7 @@ class Runner:
         store: EventStore,
         *,
         services: Iterable[str] | None = None,
-        batch_size: int = 200,
+        batch_size: int = 1000,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.system = system
