@@ -1,6 +1,6 @@
 """Run choreo's benchmark suite: every figure next to a baseline measured in the same run.
 
-    python -m benchmarks            # the full run (about 10 minutes here)
+    python -m benchmarks            # the full run (about 2½ minutes here)
     python -m benchmarks --quick    # a small run (under 3 minutes here)
     python -m benchmarks --json     # the results as JSON on stdout
 
