@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import gc
+import importlib
 import json
 import logging
 import signal

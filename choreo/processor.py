@@ -312,17 +312,19 @@ class Processor:
         self._commit(self._new_uow(), [env])
 
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
+        service = self.service.name
         for spec in self.service.deadlines.values():
             if env.type == spec.start_on.event_type:
                 uow.deadlines.append(Deadline(
-                    id=deadline_id(self.service.name, env.saga_id, spec.name), service=self.service.name, name=spec.name, saga_id=env.saga_id,
-                    due_at=clock.now() + spec.after, status=SCHEDULED, cause_event_id=env.event_id,
-                    cause_type=env.type, cause_version=env.version, cause_payload=env.payload,
+                    id=deadline_id(service, env.saga_id, spec.name), service=service, name=spec.name,
+                    saga_id=env.saga_id, due_at=clock.now() + spec.after, status=SCHEDULED,
+                    cause_event_id=env.event_id, cause_type=env.type, cause_version=env.version,
+                    cause_payload=env.payload,
                 ))
             elif env.type in spec.cancel_types:
                 uow.deadlines.append(Deadline(
-                    id=deadline_id(self.service.name, env.saga_id, spec.name), service=self.service.name, name=spec.name, saga_id=env.saga_id,
-                    due_at=clock.now(), status=CANCELLED, cause_event_id=env.event_id,
+                    id=deadline_id(service, env.saga_id, spec.name), service=service, name=spec.name,
+                    saga_id=env.saga_id, due_at=clock.now(), status=CANCELLED, cause_event_id=env.event_id,
                 ))
 
     def _fire_due_deadlines(self) -> None:

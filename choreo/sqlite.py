@@ -26,8 +26,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import groupby
 from datetime import datetime, timezone
+from itertools import groupby
 from typing import Any
 from uuid import UUID
 
