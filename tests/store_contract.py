@@ -189,3 +189,13 @@ class LogStoreContract(EventStoreContract):
         assert [e.type for e in feed.poll(10)] == ["A"] and feed.poll(10) == []
         store.append([envelope(type_="B"), envelope(type_="A")])
         assert [e.position for e in feed.poll(10)] == [6]  # it skipped what it looked at before
+
+    def test_rows_are_the_envelopes_as_plain_tuples(self, store: LogStore) -> None:  # type: ignore[override]
+        from choreo.store import ROW_FIELDS, row_of
+
+        store.append([envelope(payload=f'{{"n": {i}}}') for i in range(5)])
+        assert store.read_rows(1, 3) == [row_of(e) for e in store.read(1, 3)]
+        assert len(ROW_FIELDS) == len(store.read_rows(0, 1)[0])
+        feed = store.feed("rows", dict)
+        rows = feed.poll_rows(3) + feed.poll_rows(10)
+        assert [r[0] for r in rows] == [e.position for e in store.read(0)] and feed.poll_rows(10) == []
