@@ -69,7 +69,7 @@ class KafkaSettings:
     wait: float = 0.0
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 2000
-    fetch_max_wait_ms: int = 5
+    fetch_max_wait_ms: int = 15
     request_timeout_ms: int = 10000
     producer: dict[str, Any] = field(default_factory=dict)
     consumer: dict[str, Any] = field(default_factory=dict)
