@@ -203,8 +203,7 @@ class SagaProjection:
         batch_size: int = 10_000,
     ) -> None:
         self.store = store
-        self.definitions = tuple(sagas)
-        self.catalog = Catalog.of(self.definitions)
+        self.catalog = Catalog.of(sagas)
         self.stuck_after = stuck_after
         self.batch_size = batch_size
         self.documents = store.documents(DOCUMENTS)
