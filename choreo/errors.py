@@ -9,7 +9,11 @@
     ├── StoreError (OSError)                the event store cannot be used
     │   ├── StoreURLError (ValueError)      the store URL is not one choreo understands
     │   ├── StoreCorrupt                    the file is not a usable choreo database
-    │   └── StoreLocked (TimeoutError)      the database stayed locked past the timeout
+    │   ├── StoreLocked (TimeoutError)      the database stayed locked past the timeout
+    │   └── StoreNotFound (LookupError)     a read asked for a store (or service) that does not exist
+    ├── LogRewound                          the log ends before a reader's saved position (lost broker data)
+    ├── EventIdTaken                        an emitted event's id is already in the log for another event
+    ├── EventTooLarge (ValueError)          an emitted event is larger than the log accepts
     └── ConcurrencyConflict                 another writer got there first; the batch is retried
 
 `StepFailed` is not an error of choreo: handlers raise it to say that a saga step
@@ -71,6 +75,26 @@ class StoreCorrupt(StoreError):
 
 class StoreLocked(StoreError, TimeoutError):
     """The database stayed locked by another writer for longer than the lock timeout."""
+
+
+class StoreNotFound(StoreError, LookupError):
+    """A read-only command named a store, service or read model that does not exist (nothing was created)."""
+
+
+class LogRewound(ChoreoError):
+    """A source of the log ends before the position a reader saved: the log lost data.
+
+    Raised instead of silently waiting for offsets that will never come; an operator
+    restores the log or resets the reader's positions (`choreo run --reset-positions`).
+    """
+
+
+class EventIdTaken(ChoreoError):
+    """An event a handler emitted has an id that another event in the log already has."""
+
+
+class EventTooLarge(ChoreoError, ValueError):
+    """An event a handler emitted is larger than the log accepts."""
 
 
 class ConcurrencyConflict(ChoreoError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from choreo.errors import WiringError
 from choreo.events import Event, is_event_class
@@ -29,3 +30,32 @@ class SagaDefinition:
 
     #: Type names of the events that end this saga.
     end_types: frozenset[str] = field(init=False, repr=False, compare=False)
+
+
+class SagaCompleted(Event):
+    """Emitted by choreo, once, by the service that starts a saga: every step of its definition completed."""
+
+    event_type: ClassVar[str] = "choreo.SagaCompleted"
+    saga: str
+    steps: list[str]
+
+
+class SagaFailed(Event):
+    """Emitted by choreo, once, by the service that starts a saga: it failed and every completed step is undone.
+
+    `failed_step` is None when the failure was not a step's (a deadline, an operator).
+    `compensated` and `skipped` list the steps undone and the steps that never ran.
+    """
+
+    event_type: ClassVar[str] = "choreo.SagaFailed"
+    saga: str
+    failure_event_id: str
+    failure_type: str
+    failed_step: str | None = None
+    reason: str = ""
+    compensated: list[str] = []
+    skipped: list[str] = []
+
+
+#: The type names of the events by which choreo ends a saga.
+SAGA_ENDS = frozenset({SagaCompleted.event_type, SagaFailed.event_type})

@@ -215,6 +215,8 @@ class SQLiteStore(LogStore):
             params += sorted(interest.types)
             if interest.failures:
                 wanted.append("outcome = 'failed'")
+            if interest.outcomes:
+                wanted.append("outcome IS NOT NULL")
             if interest.known is not None:
                 wanted.append(f"type NOT IN ({','.join('?' * len(interest.known))})")
                 params += sorted(interest.known)

@@ -151,6 +151,14 @@ class ServiceStore(ABC):
     def flush(self) -> None:
         """Publish whatever the service emitted that is not yet in the log (Kafka's outbox)."""
 
+    def oversized(self, env: Envelope) -> str | None:
+        """Why the log cannot take `env` (it is too large), or None if it can.
+
+        The processor asks before it commits what a handler emitted, so an event the log
+        would refuse parks its trigger instead of jamming the service's outbox.
+        """
+        return None
+
 
 class DocumentStore(ABC):
     """A read model's JSON documents by key, with its tracking, committed together."""
@@ -200,12 +208,14 @@ class Interest:
     """Which events a reader wants; a log that can filter leaves the rest out of its batches.
 
     An event is wanted if its type is in `types`, or (with `failures`) it has the failed
-    outcome, or (with `known` set) its type is not among `known` (so it can be parked).
+    outcome, or (with `outcomes`) it has any step outcome, or (with `known` set) its type
+    is not among `known` (so it can be parked).
     """
 
     types: frozenset[str]
     failures: bool = False
     known: frozenset[str] | None = None
+    outcomes: bool = False
 
     def wants(self, env: Envelope) -> bool:
         """Whether the reader wants `env`."""
@@ -216,6 +226,7 @@ class Interest:
         return (
             type in self.types
             or (self.failures and outcome == "failed")
+            or (self.outcomes and bool(outcome))
             or (self.known is not None and type not in self.known)
         )
 
