@@ -139,6 +139,10 @@ class _InMemoryServiceStore(ServiceStore):
     def tracking(self) -> Tracking:
         return dict(self._tracking)
 
+    def set_tracking(self, tracking: Mapping[str, int]) -> None:
+        with self.store._changed:
+            self._tracking = {**self._tracking, **tracking}
+
     def commit(
         self,
         *,

@@ -346,6 +346,13 @@ class _SQLiteServiceStore(ServiceStore):
     def tracking(self) -> Tracking:
         return self.store._tracked(self._tracking)
 
+    def set_tracking(self, tracking: Mapping[str, int]) -> None:
+        with self.store._write() as c:
+            c.c.executemany(
+                f"INSERT INTO {self._tracking} VALUES (?, ?) ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                list(tracking.items()),
+            )
+
     def seen(self, event_ids: Sequence[str]) -> set[str]:
         if not self.store.dedupe or not event_ids:
             return set()

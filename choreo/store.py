@@ -132,6 +132,10 @@ class ServiceStore(ABC):
         fired already; then nothing is written.
         """
 
+    def set_tracking(self, tracking: Mapping[str, int]) -> None:
+        """Overwrite tracking positions, backwards too (an operator's reset after the log lost data)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reset its tracking")
+
     @abstractmethod
     def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
         """Return scheduled deadlines due at `now`, earliest first."""
