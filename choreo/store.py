@@ -250,6 +250,14 @@ class Feed(ABC):
     def rewind(self) -> None:
         """Continue after the reader's recorded tracking again (after a conflict or a restart)."""
 
+    def caught_up(self) -> bool:
+        """Whether this reader has read everything the log held when it last polled.
+
+        A service fires its due deadlines only when this is true, so that it never times
+        out a saga whose end is already in the log (after downtime, say).
+        """
+        return True
+
     def close(self) -> None:
         """Leave the log (and, on Kafka, the consumer group)."""
 
@@ -348,6 +356,9 @@ class _LogFeed(Feed):
 
     def rewind(self) -> None:
         self.position = self._tracking().get(LOG, 0)
+
+    def caught_up(self) -> bool:
+        return self.position >= self.store.last_position()
 
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
         batch = self._read(limit)
