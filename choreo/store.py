@@ -251,7 +251,7 @@ class Feed(ABC):
         """Continue after the reader's recorded tracking again (after a conflict or a restart)."""
 
     def caught_up(self) -> bool:
-        """Whether this reader has read everything the log held when it last polled.
+        """Whether this reader's last poll reached the end of the log as it was then.
 
         A service fires its due deadlines only when this is true, so that it never times
         out a saga whose end is already in the log (after downtime, say).
@@ -356,9 +356,10 @@ class _LogFeed(Feed):
 
     def rewind(self) -> None:
         self.position = self._tracking().get(LOG, 0)
+        self._at_head = False  # until a read reaches the end of the log
 
     def caught_up(self) -> bool:
-        return self.position >= self.store.last_position()
+        return self._at_head
 
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
         batch = self._read(limit)
@@ -374,6 +375,7 @@ class _LogFeed(Feed):
             rows = self.store.read_rows(self.position, limit)
         if rows:
             self.position = rows[-1][0]
+        self._at_head = len(rows) < limit
         return rows
 
     def _read(self, limit: int) -> list[Envelope]:
@@ -381,11 +383,13 @@ class _LogFeed(Feed):
             batch = self.store.read(self.position, limit)
             if batch:
                 self.position = batch[-1].position or self.position
+            self._at_head = len(batch) < limit
             return batch
         upto = self.store.last_position()
         batch = self.store.read(self.position, limit, upto=upto, interest=self.interest)
-        # a short batch means every event up to `upto` was looked at
-        self.position = upto if len(batch) < limit else batch[-1].position or self.position
+        # a short batch means every event up to `upto` (the end of the log when read) was looked at
+        self._at_head = len(batch) < limit
+        self.position = upto if self._at_head else batch[-1].position or self.position
         return batch
 
 
