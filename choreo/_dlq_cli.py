@@ -1,4 +1,9 @@
-"""`choreo dlq`: list, show, retry, skip parked events, and force a saga to compensate."""
+"""`choreo dlq`: list, show, retry, skip parked events, and force a saga to compensate.
+
+No dlq command creates a store: each reads through a read-only store (a missing store or
+service is `StoreNotFound`, exit 1), and the write commands open the store to write only
+once what they act on was found there.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +12,68 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from choreo._cli_common import (
+    UsageError, add_command, add_store_option, add_system_option, dead_letter_ref, open_existing, system_of, text,
+)
+from choreo.errors import StoreNotFound
 from choreo.operations import (
     find_dead_letter, force_compensation, list_dead_letters, request_retry, request_skip,
 )
-from choreo.store import DeadLetter, EventStore, open_store
-from choreo.system import System
+from choreo.store import DeadLetter, EventStore
 
 STATUSES = ("parked", "retried", "skipped", "all")
 
 
-def add_dlq_commands(sub: Any, load_system: Any) -> None:
+def add_dlq_commands(sub: Any) -> None:
     """Add `choreo dlq ...` to the command line's subparsers."""
-    dlq = sub.add_parser("dlq", help="parked events: list, show, retry, skip; force compensation")
+    dlq = add_command(sub, "dlq", "parked events: list, show, retry, skip; force compensation")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", default=None, help="store URL (default: $CHOREO_STORE or sqlite:///choreo.db)")
-        p.add_argument("--system", default="services:system", help="MODULE:SYSTEM whose services to look at")
-        p.set_defaults(load_system=load_system)
-
-    ls = dlq_sub.add_parser("list", help="list dead letters (parked events)")
-    common(ls)
+    ls = add_command(dlq_sub, "list", "list dead letters (parked events)")
+    add_store_option(ls)
+    add_system_option(ls, "whose services to look at (needed unless --service is given)")
     ls.add_argument("--service", help="only this service's")
     ls.add_argument("--saga", help="only this saga's")
     ls.add_argument("--status", choices=STATUSES, default="parked", help="(default: %(default)s)")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_list)
-    show = dlq_sub.add_parser("show", help="show one dead letter: reason, error, the raw event")
-    common(show)
-    show.add_argument("ref", help="SERVICE:ID, as `dlq list` prints it")
+    show = add_command(dlq_sub, "show", "show one dead letter: reason, error, the raw event")
+    add_store_option(show)
+    show.add_argument("ref", type=dead_letter_ref, help="SERVICE:ID, as `dlq list` prints it")
     show.set_defaults(func=_show)
-    retry = dlq_sub.add_parser("retry", help="run parked events again, then release what waits behind them")
-    common(retry)
-    retry.add_argument("ref", nargs="?", help="SERVICE:ID")
+    retry = add_command(dlq_sub, "retry", "run parked events again, then release what waits behind them")
+    add_store_option(retry)
+    add_system_option(retry, "whose services to look at (needed by --all)")
+    retry.add_argument("ref", nargs="?", type=dead_letter_ref, help="SERVICE:ID")
     retry.add_argument("--all", action="store_true", help="every parked event (the first of each saga)")
     retry.add_argument("--reason", default="", help="why (kept in the saga's timeline)")
     retry.set_defaults(func=_retry)
-    skip = dlq_sub.add_parser("skip", help="mark a parked event handled without running it")
-    common(skip)
-    skip.add_argument("ref", help="SERVICE:ID")
-    skip.add_argument("--reason", required=True, help="why (kept in the saga's timeline)")
+    skip = add_command(dlq_sub, "skip", "mark a parked event handled without running it")
+    add_store_option(skip)
+    skip.add_argument("ref", type=dead_letter_ref, help="SERVICE:ID")
+    skip.add_argument("--reason", required=True, type=text, help="why (kept in the saga's timeline)")
     skip.set_defaults(func=_skip)
-    comp = dlq_sub.add_parser("compensate", help="fail a saga so that every participant compensates")
-    common(comp)
+    comp = add_command(dlq_sub, "compensate", "fail a running saga so that every participant compensates")
+    add_store_option(comp)
+    add_system_option(comp, "whose saga definitions' end events also show that a saga ended (optional)")
     comp.add_argument("saga_id")
-    comp.add_argument("--reason", required=True, help="why (kept in the saga's timeline)")
+    comp.add_argument("--reason", required=True, type=text, help="why (kept in the saga's timeline)")
     comp.set_defaults(func=_compensate)
 
 
-def _store(args: argparse.Namespace) -> EventStore:
-    return open_store(args.store)
-
-
-def _services(args: argparse.Namespace) -> list[str]:
-    system: System = args.load_system(args.system, System)
-    return sorted(system.services)
+def _letters(store: EventStore, args: argparse.Namespace, status: str | None) -> list[DeadLetter]:
+    """The dead letters of `--service`, or of every service of the system (a service that never ran has none)."""
+    if getattr(args, "service", None):
+        return list_dead_letters(store, [args.service], status=status, saga_id=getattr(args, "saga", None))
+    system = system_of(args, "the system's service names are needed to look at every service (or give --service NAME)")
+    assert system is not None
+    letters: list[DeadLetter] = []
+    for name in sorted(system.services):
+        try:
+            letters += list_dead_letters(store, [name], status=status, saga_id=getattr(args, "saga", None))
+        except StoreNotFound:
+            continue  # no tables: the service never ran on this store
+    return letters
 
 
 def _row(d: DeadLetter) -> dict[str, Any]:
@@ -73,10 +85,8 @@ def _row(d: DeadLetter) -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        services = [args.service] if args.service else _services(args)
-        status = None if args.status == "all" else args.status
-        letters = list_dead_letters(store, services, status=status, saga_id=args.saga)
+    with open_existing(args.store) as store:
+        letters = _letters(store, args, None if args.status == "all" else args.status)
     if args.json:
         print(json.dumps([_row(d) for d in letters], indent=2, sort_keys=True))
         return 0
@@ -88,21 +98,25 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_existing(args.store) as store:
         print(json.dumps(_row(find_dead_letter(store, args.ref)), indent=2, sort_keys=True))
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    if args.all == bool(args.ref):
+        raise UsageError("choreo dlq retry: give SERVICE:ID or --all (not both)")
+    with open_existing(args.store) as reader:
         if args.all:
-            letters = list_dead_letters(store, _services(args))
+            letters = _letters(reader, args, "parked")
             firsts = {(d.service, d.saga_id): d for d in reversed(letters)}  # the first parked of each saga
             targets = sorted(firsts.values(), key=lambda d: (d.service, d.id or 0))
-        elif args.ref:
-            targets = [find_dead_letter(store, args.ref)]
         else:
-            raise SystemExit("choreo dlq retry: give SERVICE:ID or --all")
+            targets = [find_dead_letter(reader, args.ref)]
+    if not targets:
+        print("no parked event to retry")
+        return 0
+    with open_existing(args.store, write=True) as store:
         for d in targets:
             request_retry(store, d, args.reason)
             print(f"retry of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
@@ -110,15 +124,17 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _skip(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        d = find_dead_letter(store, args.ref)
+    with open_existing(args.store) as reader:
+        d = find_dead_letter(reader, args.ref)
+    with open_existing(args.store, write=True) as store:
         request_skip(store, d, args.reason)
-        print(f"skip of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
+    print(f"skip of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
     return 0
 
 
 def _compensate(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        event_id = force_compensation(store, args.saga_id, args.reason)
+    system = system_of(args, None)
+    with open_existing(args.store, write=True) as store:
+        event_id = force_compensation(store, args.saga_id, args.reason, sagas=system.sagas if system else ())
     print(f"saga {args.saga_id} failed by the operator (event {event_id}); its participants compensate")
     return 0

@@ -8,12 +8,14 @@ the service they name carries them out when it reads them, on SQLite and on Kafk
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import ClassVar
 from uuid import uuid4
 
 from choreo import clock
 from choreo.errors import ChoreoError
 from choreo.events import Envelope, Event, Outcome, encode_payload
+from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.store import DeadLetter, EventStore
 
 
@@ -75,6 +77,36 @@ class CompensationForced(Event):
 OPERATOR_COMMANDS = frozenset({RetryRequested.event_type, SkipRequested.event_type})
 
 
+class CommandRefused(ChoreoError, ValueError):
+    """An operator command was refused, writing nothing: it is malformed or could do harm.
+
+    `state` is the saga's state when the saga's state is the reason (e.g. "completed").
+    """
+
+    def __init__(self, message: str, *, state: str | None = None) -> None:
+        self.state = state
+        super().__init__(message)
+
+
+class SagaNotFound(CommandRefused, LookupError):
+    """No event of the named saga is in the log."""
+
+
+class DeadLetterNotFound(ChoreoError, LookupError):
+    """The named service has no dead letter with that id."""
+
+
+@dataclass(frozen=True)
+class SagaStatus:
+    """What the log says of one saga: its number of events, its state, and the event that ended it."""
+
+    saga_id: str
+    events: int
+    #: "running", "compensating" (a failure seen, not ended yet), "completed" or "failed".
+    state: str
+    ended_by: str | None = None
+
+
 # -- the operator's API (the `choreo dlq` commands call these) -------------------------------
 
 def list_dead_letters(
@@ -89,11 +121,11 @@ def find_dead_letter(store: EventStore, ref: str) -> DeadLetter:
     """The dead letter named `SERVICE:ID` (as `choreo dlq list` prints it)."""
     service, _, number = ref.partition(":")
     if not number.isdigit():
-        raise ChoreoError(f"not a dead letter reference: {ref!r} (expected SERVICE:ID, e.g. payment:3)")
+        raise CommandRefused(f"not a dead letter reference: {ref!r} (expected SERVICE:ID, e.g. payment:3)")
     for d in store.service(service).dead_letters(None):
         if d.id == int(number):
             return d
-    raise ChoreoError(f"no dead letter {ref!r}")
+    raise DeadLetterNotFound(f"no dead letter {ref!r}")
 
 
 def request_retry(store: EventStore, letter: DeadLetter, reason: str = "") -> str:
@@ -105,16 +137,67 @@ def request_retry(store: EventStore, letter: DeadLetter, reason: str = "") -> st
 def request_skip(store: EventStore, letter: DeadLetter, reason: str) -> str:
     """Ask the letter's service to mark it handled without running it; return the request's event id."""
     if not reason:
-        raise ChoreoError("skipping a parked event needs a reason")
+        raise CommandRefused("skipping a parked event needs a reason")
     return _request(store, letter.saga_id, SkipRequested(service=letter.service, dead_letter_id=letter.id or 0,
                                                          reason=reason))
 
 
-def force_compensation(store: EventStore, saga_id: str, reason: str) -> str:
-    """Fail the saga so that every participant compensates what it completed; return the event id."""
+def force_compensation(
+    store: EventStore, saga_id: str, reason: str, *, sagas: Iterable[SagaDefinition] = ()
+) -> str:
+    """Fail a running saga so that every participant compensates what it completed; return the event id.
+
+    Refused, writing nothing, for a saga with no event in the log (`SagaNotFound`) and for
+    one that already ended (`CommandRefused`, with its state): undoing a completed saga is
+    a new business process, not a compensation. A saga ended when choreo's
+    `SagaCompleted`/`SagaFailed`, or an end event of its definition among `sagas`, is in
+    the log (see `saga_status()`, which reads the whole log once). A saga that ends between
+    this check and the append is failed anyway; its participants' compensations are
+    idempotent, but the check cannot rule that race out.
+    """
     if not reason:
-        raise ChoreoError("forcing compensation needs a reason")
+        raise CommandRefused("forcing compensation needs a reason")
+    status = saga_status(store, saga_id, sagas)
+    if status is None:
+        raise SagaNotFound(f"no saga {saga_id!r} in the log of {store.url}: nothing was written")
+    if status.ended_by is not None:
+        raise CommandRefused(
+            f"saga {saga_id} already {status.state} ({status.ended_by} is in the log): nothing was written; "
+            "undoing a finished saga is a new business process, not a compensation",
+            state=status.state,
+        )
     return _request(store, saga_id, CompensationForced(reason=reason), outcome=Outcome.FAILED)
+
+
+def saga_status(store: EventStore, saga_id: str, sagas: Iterable[SagaDefinition] = ()) -> SagaStatus | None:
+    """Read the whole log once and say what it holds of one saga; None if it has no event of it.
+
+    It ended with choreo's `SagaCompleted` or `SagaFailed`, or with an end event of the
+    definition (among `sagas`) whose start event it has: then it failed if a failure
+    outcome came before, else completed. This needs neither the saga projection nor a
+    system, only the log.
+    """
+    events: list[tuple[str, str | None]] = []  # (type, outcome) of each of the saga's events, in log order
+    feed = store.feed(f"operator-{uuid4()}", dict, group=False)
+    try:
+        while rows := feed.poll_rows(5000, store.idle_timeout):
+            events += [(row[2], row[8]) for row in rows if row[4] == saga_id]
+    finally:
+        feed.close()
+    if not events:
+        return None
+    types = {kind for kind, _ in events}
+    end_types = {t for d in sagas if d.start.event_type in types for t in d.end_types}
+    failing = False
+    for kind, outcome in events:
+        if kind == SagaCompleted.event_type:
+            return SagaStatus(saga_id, len(events), "completed", kind)
+        if kind == SagaFailed.event_type:
+            return SagaStatus(saga_id, len(events), "failed", kind)
+        if kind in end_types:
+            return SagaStatus(saga_id, len(events), "failed" if failing else "completed", kind)
+        failing = failing or outcome == Outcome.FAILED
+    return SagaStatus(saga_id, len(events), "compensating" if failing else "running")
 
 
 def _request(store: EventStore, saga_id: str, event: Event, outcome: str | None = None) -> str:

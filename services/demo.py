@@ -1,18 +1,28 @@
-"""The demo: place N orders with a seeded mix of outcomes, run every service, audit the result."""
+"""The demo: place N orders with a seeded mix of outcomes, run every service, audit the result.
+
+The demo only ever replaces its own data. Its saga ids are derived from the seed and the
+order's number (`demo_saga_id`), so a store whose every event belongs to a saga whose
+`OrderPlaced` carries a matching order id holds only demo data; anything else is refused
+unless `reset=True` (`choreo demo --reset`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, TextIO
 from uuid import NAMESPACE_URL, uuid4, uuid5
 
 from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
 from choreo.operations import list_dead_letters
+from choreo.store import DEFAULT_URL
 from services import TARGETS, system
 from services.checks import END_TYPES, check_invariants, read_facts
 from services.contracts import OrderPlaced
@@ -43,13 +53,83 @@ def plan(orders: int, seed: int) -> list[tuple[str, OrderPlaced, str, str | None
             amount=rng.randint(500, 50_000),
             address="nowhere" if cause == "address undeliverable" else f"{rng.randint(1, 999)} Main St",
         )
-        saga_id = str(uuid5(NAMESPACE_URL, f"choreo-demo/{seed}/{i}"))
-        result.append((saga_id, order, state, cause))
+        result.append((demo_saga_id(seed, i), order, state, cause))
     return result
 
 
+def demo_saga_id(seed: int, number: int) -> str:
+    """The saga id of the demo's order `number` with `seed` (its order id is `order-SEED-NUMBER`)."""
+    return str(uuid5(NAMESPACE_URL, f"choreo-demo/{seed}/{number}"))
+
+
+class NotDemoData(ChoreoError, FileExistsError):
+    """The demo's store holds data that the demo did not write; the demo refuses to replace it."""
+
+
+_ORDER_ID = re.compile(r"order-(-?\d+)-(\d+)")
+
+
+def foreign_data(store: EventStore) -> str | None:
+    """The first event of `store`'s log that is not the demo's, described; None if every event is."""
+    demo: set[str] = set()
+    feed = store.feed(f"demo-check-{uuid4()}", dict, group=False)
+    try:
+        while rows := feed.poll_rows(5000, store.idle_timeout):
+            for row in rows:
+                event_id, kind, saga_id, payload = row[1], row[2], row[4], row[10]
+                if saga_id in demo:
+                    continue
+                if kind == OrderPlaced.event_type and _is_demo_start(saga_id, payload):
+                    demo.add(saga_id)
+                    continue
+                return f"event {event_id} ({kind}) of saga {saga_id}" if saga_id else f"event {event_id} ({kind})"
+    finally:
+        feed.close()
+    return None
+
+
+def _is_demo_start(saga_id: str | None, payload: object) -> bool:
+    try:
+        order_id = json.loads(str(payload)).get("order_id")
+    except (ValueError, AttributeError):
+        return False
+    match = _ORDER_ID.fullmatch(str(order_id))
+    return match is not None and saga_id == demo_saga_id(int(match[1]), int(match[2]))
+
+
+def _sqlite_path(store_url: str) -> str | None:
+    if not store_url.startswith("sqlite:///"):
+        return None
+    return store_url[len("sqlite:///") :].split("?", 1)[0]
+
+
+def _check_existing(store_url: str, *, reset: bool) -> bool:
+    """Whether the store at `store_url` may be replaced: it is missing, or holds only demo data.
+
+    Raises `NotDemoData` if it holds anything else and `reset` is not set (with `reset`, a
+    SQLite file is replaced whatever it holds; a Kafka topic cannot be).
+    """
+    path = _sqlite_path(store_url)
+    if path is not None and (not os.path.exists(path) or os.path.getsize(path) == 0):
+        return True
+    try:
+        with open_store(store_url, create=False) as store:
+            found = foreign_data(store)
+    except ChoreoError as e:  # e.g. a SQLite file that is not a choreo store
+        if isinstance(e, NotDemoData) or path is None:
+            raise
+        found = f"it is not a readable choreo store: {e}"
+    if found is None:
+        return True
+    if reset and path is not None:
+        return True
+    advice = ("give another --store, or --reset to delete it" if path is not None
+              else "name another topic (topic=...), or leave topic= out for a new one")
+    raise NotDemoData(f"{store_url} holds data that the demo did not write ({found}): {advice}")
+
+
 def run_demo(
-    store_url: str,
+    store_url: str | None = None,
     *,
     orders: int = 300,
     seed: int = 7,
@@ -58,17 +138,26 @@ def run_demo(
     timeout: float = 300.0,
     progress: TextIO | None = None,
     fresh: bool = True,
+    reset: bool = False,
 ) -> dict[str, Any]:
-    """Run the example system on `store_url` and return the summary (see `choreo demo --help`)."""
+    """Run the example system on `store_url` and return the summary (see `choreo demo --help`).
+
+    The default store is `$CHOREO_STORE` or `sqlite:///choreo.db`, as for every command.
+    A previous demo's data is replaced (`fresh`) or kept; other data is refused
+    (`NotDemoData`) unless `reset` deletes the SQLite file anyway.
+    """
+    store_url = store_url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
     fresh = fresh and not external  # never wipe a store that running services use
-    if fresh and store_url.startswith("sqlite:///"):
-        path = store_url[len("sqlite:///") :].split("?", 1)[0]
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
+    path = _sqlite_path(store_url)
     if fresh and store_url.startswith("kafka://") and "topic=" not in store_url:
         sep = "&" if "?" in store_url else "?"
-        store_url += f"{sep}topic=choreo-demo-{uuid4().hex[:8]}"  # its state folder follows the topic
+        store_url += f"{sep}topic=choreo-demo-{uuid4().hex[:8]}"  # a new topic; its state folder follows it
+    elif not store_url.startswith("memory:"):
+        _check_existing(store_url, reset=reset and not external)
+        if (fresh or reset) and path is not None:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
     store = open_store(store_url)
     planned = plan(orders, seed)
     saga_ids = {saga_id for saga_id, *_ in planned}
@@ -130,9 +219,17 @@ def run_demo(
 
 
 def spawn_services(store_url: str) -> list[subprocess.Popen[bytes]]:
-    """Start each example service as its own `choreo run` process on `store_url`."""
+    """Start each example service as its own `choreo run` process on `store_url`.
+
+    The processes find the example where this module was found, whatever their working directory.
+    """
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)}
     return [
-        subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", store_url], stdin=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-m", "choreo", "run", target, "--store", store_url, "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL, env=env,
+        )
         for target in TARGETS.values()
     ]
 

@@ -1,0 +1,127 @@
+"""`choreo run` (one service as a process) and `choreo demo` (the example, from a checkout)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import logging
+import sys
+from types import ModuleType
+from typing import Any
+
+from choreo._cli_common import (
+    UsageError, add_command, add_store_option, cwd_on_path, load, positive_int, positive_seconds,
+)
+from choreo.retry import RetryPolicy
+from choreo.runner import run_service
+from choreo.service import Service
+from choreo.store import EventStore, open_store
+
+
+def load_service(target: str) -> Service:
+    """Import `MODULE:ATTRIBUTE` (the current directory first) and return the `Service` it names."""
+    service = load(target, Service)
+    service.validate()
+    return service
+
+
+def add_run_commands(sub: Any) -> None:
+    """Add `choreo demo` and `choreo run` to the command line's subparsers."""
+    demo = add_command(sub, "demo", "run the order-fulfilment example (from a choreo checkout) and audit it")
+    add_store_option(demo)
+    demo.add_argument("--orders", type=positive_int, default=300, help="orders to place (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the order mix (default: %(default)s)")
+    demo.add_argument("--processes", action="store_true", help="run each service in its own process")
+    demo.add_argument("--external", action="store_true",
+                      help="the services already run elsewhere (e.g. docker compose): only place, wait and audit")
+    demo.add_argument("--timeout", type=positive_seconds, default=300.0, metavar="SECONDS",
+                      help="seconds to wait for every saga to end (default: %(default)s)")
+    kept = demo.add_mutually_exclusive_group()
+    kept.add_argument("--keep", action="store_true", help="keep a previous demo's data instead of starting afresh")
+    kept.add_argument("--reset", action="store_true",
+                      help="delete the SQLite store first even if it holds data that is not the demo's")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--per-saga", action="store_true", help="include each saga's final state in the summary")
+    demo.set_defaults(func=_demo)
+
+    run = add_command(sub, "run", "run one service in this process until SIGINT/SIGTERM")
+    run.add_argument("target",
+                     help="MODULE:SERVICE, e.g. services.payment:service (the current directory is searched first)")
+    add_store_option(run)
+    run.add_argument("--batch-size", type=positive_int, default=1000,
+                     help="events per transaction (default: %(default)s)")
+    run.add_argument("--max-attempts", type=positive_int, default=3,
+                     help="tries before an event is parked (default: %(default)s)")
+    run.add_argument("--reset-positions", action="store_true",
+                     help="first reset the service's positions in the log (Kafka, after the log lost data)")
+    run.set_defaults(func=_run)
+
+
+def example() -> ModuleType:
+    """The example's `services.demo`, imported from the current directory (a choreo checkout)."""
+    cwd_on_path()
+    try:
+        return importlib.import_module("services.demo")
+    except ModuleNotFoundError as e:
+        if e.name not in ("services", "services.demo"):
+            raise UsageError(f"the example in ./services cannot be imported: {e}") from e
+        raise UsageError(
+            "choreo demo runs the example system in ./services: run it from the root of a choreo checkout"
+        ) from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.reset and args.external:
+        raise UsageError("--reset deletes the store, which --external services are using")
+    demo = example()
+    summary: dict[str, Any] = demo.run_demo(
+        args.store,
+        orders=args.orders,
+        seed=args.seed,
+        processes=args.processes,
+        external=args.external,
+        timeout=args.timeout,
+        progress=sys.stderr if not args.json and sys.stderr.isatty() else None,
+        fresh=not args.keep,
+        reset=args.reset,
+    )
+    if not args.per_saga:
+        summary.pop("final_states")
+    print(json.dumps(summary, indent=2) if args.json else demo.format_summary(summary))
+    return 0 if summary["invariants_ok"] else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    service = load_service(args.target)
+    store = open_store(args.store, create=not args.reset_positions)  # no reset of a store that does not exist
+    choreo_log = logging.getLogger("choreo")
+    level = choreo_log.level
+    try:
+        if args.reset_positions:
+            _reset_positions(store, service.name)
+        if not args.verbose and not args.log_level:
+            choreo_log.setLevel(logging.INFO)  # a service process logs its start and stop lines
+        # A service process we own: what is loaded now stays, so the collector stops scanning it,
+        # and collects young objects less often (a batch allocates many short-lived ones).
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
+        run_service(service, store, batch_size=args.batch_size, retry=RetryPolicy(max_attempts=args.max_attempts))
+    finally:
+        store.close()
+        choreo_log.setLevel(level)
+    return 0
+
+
+def _reset_positions(store: EventStore, name: str) -> None:
+    """Reset the service's positions (Kafka's `reset_positions`) and print each one that changed."""
+    reset = getattr(store, "reset_positions", None)
+    if reset is None:
+        raise UsageError(f"--reset-positions: only Kafka stores have positions to reset, not {store.url}")
+    before = store.service(name).tracking()
+    changed: dict[str, int] = reset(name)
+    if not changed:
+        print(f"{name}: no position to reset")
+    for source, position in sorted(changed.items()):
+        print(f"{name}: position in {source} reset from {before.get(source, 0)} to {position}")

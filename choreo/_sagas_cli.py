@@ -1,0 +1,169 @@
+"""`choreo sagas list|show`, `choreo replay` and `choreo project`: the saga projection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from choreo._cli_common import (
+    UsageError, add_command, add_store_option, add_system_option, open_existing, seconds, system_of,
+)
+from choreo._render import render_mermaid, render_saga
+from choreo.projection import STATES, SagaFilter, SagaProjection
+from choreo.saga import SagaDefinition
+from choreo.store import EventStore, open_store
+
+_WHY = "whose saga definitions name the steps"
+
+
+def add_saga_commands(sub: Any) -> None:
+    """Add `choreo sagas ...`, `choreo replay` and `choreo project` to the command line's subparsers."""
+
+    def projection_options(p: argparse.ArgumentParser) -> None:
+        add_store_option(p)
+        add_system_option(p, _WHY)
+        p.add_argument("--stuck-after", type=seconds, default=300.0, metavar="SECONDS",
+                       help="seconds without progress after which a saga counts as stuck (default: %(default)s)")
+        p.add_argument("--no-update", action="store_true",
+                       help="read the projection as stored: write and create nothing (it may lag the log)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    sagas = add_command(sub, "sagas", "query the saga projection")
+    sagas_sub = sagas.add_subparsers(dest="sagas_command", required=True)
+    ls = add_command(sagas_sub, "list", "list sagas")
+    projection_options(ls)
+    ls.add_argument("--state", choices=STATES, help="only sagas in this state")
+    ls.add_argument("--type", help="only sagas of this saga type")
+    ls.add_argument("--since", help="only sagas started at or after this ISO time")
+    ls.add_argument("--until", help="only sagas started before this ISO time")
+    ls.add_argument("--stuck-for", type=seconds, metavar="SECONDS", help="only sagas with no progress for this long")
+    ls.set_defaults(func=_list)
+    show = add_command(sagas_sub, "show", "show one saga: summary, steps, timeline")
+    projection_options(show)
+    show.add_argument("saga_id")
+    show.add_argument("--as-of", help="the saga as it stood at this log position or ISO time")
+    show.add_argument("--mermaid", action="store_true", help="print a Mermaid sequence diagram")
+    show.set_defaults(func=_show)
+
+    replay = add_command(sub, "replay", "drop the saga projection and rebuild it from position 0")
+    add_store_option(replay)
+    add_system_option(replay, _WHY)
+    replay.set_defaults(func=_replay)
+
+    project = add_command(sub, "project", "keep the saga projection up to date until SIGINT/SIGTERM")
+    add_store_option(project)
+    add_system_option(project, _WHY)
+    project.set_defaults(func=_project)
+
+
+def _definitions(args: argparse.Namespace) -> tuple[SagaDefinition, ...]:
+    system = system_of(args, "the system's saga definitions are needed to fold the log")
+    assert system is not None
+    return system.sagas
+
+
+def _projection(args: argparse.Namespace, store: EventStore) -> SagaProjection:
+    stuck = timedelta(seconds=args.stuck_after)
+    if args.no_update:
+        return SagaProjection(store, sagas=_definitions(args), stuck_after=stuck, read_only=True)
+    projection = SagaProjection(store, sagas=_definitions(args), stuck_after=stuck)
+    projection.update()
+    return projection
+
+
+def _open(args: argparse.Namespace) -> EventStore:
+    return open_existing(args.store, write=not args.no_update)
+
+
+def _list(args: argparse.Namespace) -> int:
+    where = SagaFilter(
+        state=args.state,
+        saga_type=args.type,
+        started_after=_time(args.since),
+        started_before=_time(args.until),
+        stuck_for=timedelta(seconds=args.stuck_for) if args.stuck_for is not None else None,
+    )
+    _definitions(args)  # a usage error before the store is opened
+    with _open(args) as store:
+        sagas = _projection(args, store).list(where)
+    if args.json:
+        print(json.dumps(sagas, indent=2, sort_keys=True))
+        return 0
+    for s in sagas:
+        print(f"{s['saga_id']}  {s['saga_type'] or '-':<18} {s['state']:<13} {s['started_at']}  {s['cause'] or ''}")
+    print(f"{len(sagas)} saga(s)")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    as_of: int | datetime | None = None
+    if args.as_of is not None:
+        as_of = int(args.as_of) if args.as_of.isdigit() else _time(args.as_of)
+    _definitions(args)
+    with _open(args) as store:
+        saga = _projection(args, store).get(args.saga_id, as_of=as_of)
+    if saga is None:
+        print(f"choreo: no saga {args.saga_id!r} in {args.store or 'the store'}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(saga, indent=2, sort_keys=True))
+    elif args.mermaid:
+        print(render_mermaid(saga))
+    else:
+        print(render_saga(saga))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    definitions = _definitions(args)
+
+    def progress(done: int, size: int | None) -> None:
+        width = 40
+        if size:
+            filled = width * min(done, size) // size
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{size} events")
+        else:
+            sys.stderr.write(f"\r{done} events")
+        sys.stderr.flush()
+
+    bar = sys.stderr.isatty()
+    with open_existing(args.store, write=True) as store:
+        projection = SagaProjection(store, sagas=definitions)
+        count = projection.replay(progress if bar else None)
+        if bar:
+            sys.stderr.write("\n")
+        print(f"replayed {count} events into {sum(projection.counts().values())} sagas")
+        projection.close()
+    return 0
+
+
+def _project(args: argparse.Namespace) -> int:
+    definitions = _definitions(args)
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    store = open_store(args.store)  # a long-running reader, like `choreo run`: it may start before the services
+    projection = SagaProjection(store, sagas=definitions)
+    try:
+        while not stop.is_set():
+            if projection.update() == 0:
+                stop.wait(0.05)
+    finally:
+        projection.close()
+        store.close()
+    return 0
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"not a position or ISO time: {text!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
