@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from choreo.aggregates import Aggregate, event
+from choreo.aggregates import Aggregate, event, load_aggregate
 from choreo.clock import Clock, ManualClock, SystemClock, use_clock
 from choreo.context import Context
 from choreo.errors import (
@@ -20,14 +20,14 @@ from choreo.errors import (
     UnknownEventType,
     WiringError,
 )
-from choreo.events import Envelope, Event, Outcome, StepSkipped
+from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
 from choreo.memory import InMemoryStore
 from choreo.operations import CompensationForced
 from choreo.processor import Processor
 from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import Runner, run_service
-from choreo.saga import SagaDefinition
+from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.service import Service
 from choreo.store import (
     DeadLetter, DocumentStore, EventStore, Feed, LogStore, ServiceStore, open_store,
@@ -60,11 +60,14 @@ __all__ = [
     "Processor",
     "RetryPolicy",
     "Runner",
+    "SagaCompleted",
     "SagaDefinition",
+    "SagaFailed",
     "SagaFilter",
     "SagaProjection",
     "Service",
     "ServiceStore",
+    "StepCompensated",
     "StepFailed",
     "StepSkipped",
     "StoreCorrupt",
@@ -76,6 +79,7 @@ __all__ = [
     "UnknownEventType",
     "WiringError",
     "event",
+    "load_aggregate",
     "open_store",
     "run_service",
     "use_clock",

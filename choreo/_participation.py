@@ -1,4 +1,4 @@
-"""A service's own event-sourced record of its part in one saga (guarantee 3)."""
+"""A service's own event-sourced record of its part in one saga (guarantees 3 and 9)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,21 @@ from choreo.aggregates import Aggregate, aggregate_id, event
 
 
 class Participation(Aggregate):
-    """What one service did in one saga: steps completed, compensated, skipped; failure seen."""
+    """What one service did in one saga: steps completed, compensated, skipped; failure seen.
+
+    The service that starts the saga also keeps here what it observed of every step
+    (`observed`), the saga's first failure, and how the saga ended, so it ends the saga
+    exactly once (see `choreo._saga_end`).
+    """
 
     @event("Joined")
-    def __init__(self, service: str, saga_id: str, completed: dict[str, dict[str, object]] | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        saga_id: str,
+        completed: dict[str, dict[str, object]] | None = None,
+        saga_type: str | None = None,
+    ) -> None:
         self.service = service
         self.saga_id = saga_id
         self.completed: dict[str, dict[str, object]] = dict(completed or {})
@@ -20,6 +31,11 @@ class Participation(Aggregate):
         self.skipped: list[str] = []
         self.failed_steps: list[str] = []
         self.failure_event_id: str | None = None
+        # kept by the service that starts the saga
+        self.saga_type = saga_type
+        self.observed: dict[str, set[str]] = {}
+        self.saga_failure: dict[str, object] | None = None
+        self.ended: str | None = None
 
     @property
     def saga_failed(self) -> bool:
@@ -53,6 +69,27 @@ class Participation(Aggregate):
     def to_compensate(self) -> list[str]:
         """Completed steps not compensated yet, most recent first."""
         return [s for s in reversed(self.completed) if s not in self.compensated]
+
+    # -- the starter's view of the whole saga ---------------------------------------------
+    @event("SagaTracked")
+    def track(self, saga_type: str) -> None:
+        self.saga_type = saga_type
+
+    @event("OutcomeObserved")
+    def observe(self, step: str, outcome: str) -> None:
+        self.observed.setdefault(outcome, set()).add(step)
+
+    @event("SagaFailureObserved")
+    def observe_failure(self, event_id: str, event_type: str, step: str | None, reason: str) -> None:
+        self.saga_failure = {"event_id": event_id, "type": event_type, "step": step, "reason": reason}
+
+    @event("SagaEnded")
+    def end(self, outcome: str) -> None:
+        self.ended = outcome
+
+    def steps_with(self, outcome: str) -> set[str]:
+        """The steps observed with `outcome` (completed, failed, compensated, skipped)."""
+        return self.observed.get(outcome, set())
 
 
 def completion(event_id: str, event_type: str, version: int, payload: str) -> dict[str, object]:

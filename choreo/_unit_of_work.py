@@ -12,7 +12,7 @@ from choreo import clock
 from choreo.aggregates import Aggregate
 from choreo.deadlines import Deadline
 from choreo.events import Envelope, Event, encode_payload
-from choreo.store import ServiceStore
+from choreo.store import DeadLetter, ServiceStore
 
 _EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://choreo.dev/event")
 
@@ -58,6 +58,9 @@ class UnitOfWork:
         self.aggregates: dict[UUID, Aggregate | None] = {}
         self.emitted: list[Envelope] = []
         self.deadlines: list[Deadline] = []
+        #: dead letters resolved by this batch (a failure went ahead of them), and the sagas they release
+        self.resolved: list[DeadLetter] = []
+        self.released: set[str] = set()
         self._emit_counts: dict[str, int] = {}
 
     def get(self, agg_id: UUID) -> Aggregate | None:

@@ -82,7 +82,11 @@ def new_mapper() -> Mapper[UUID]:
 
 
 def load_aggregate(store: ServiceStore, cls: type[A], key: object) -> A | None:
-    """Rebuild a service's aggregate from its stored events (for audits and tests)."""
+    """Read a service's aggregate outside a handler: rebuilt from its stored events, or None.
+
+    `store` is the service's own store, e.g. `open_store(url).service("payment")`. For
+    audits, tests and read-only views; handlers use `ctx.load()`.
+    """
     mapper = new_mapper()
     agg = None
     for stored in store.load(aggregate_id(cls, key)):

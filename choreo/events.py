@@ -96,6 +96,18 @@ class StepSkipped(Event):
     reason: str
 
 
+class StepCompensated(Event):
+    """Recorded by choreo when a step is compensated without an event of its own to say so.
+
+    The step has no compensation handler, or its handler emitted nothing; the saga's
+    starter and the projection still learn that the step is undone.
+    """
+
+    event_type: ClassVar[str] = "choreo.StepCompensated"
+    step: str
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """A stored event with its metadata: identity, correlation, causation, step and position.

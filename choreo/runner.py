@@ -98,8 +98,7 @@ def run_processor(processor: Processor, stop: threading.Event, idle_wait: float 
     while not stop.is_set():
         try:
             processor.poll(timeout=idle_wait)
-        except StoreError as e:  # a locked or unreachable store: say so, wait, try again
-            log.warning("%s: %s; retrying in %.2fs", processor.service.name, e, backoff)
+        except StoreError:  # a locked, full or unreachable store: the processor said so; wait, try again
             stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
             continue

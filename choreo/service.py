@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,6 +12,7 @@ from choreo.deadlines import DeadlineSpec
 from choreo.errors import WiringError
 from choreo.events import Event, is_event_class
 from choreo.retry import RetryPolicy
+from choreo.saga import SAGA_ENDS, SagaDefinition
 from choreo.store import check_service_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -20,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Handler:
     """One registered function: a plain handler, a saga step, or a compensation."""
 
-    kind: str  # "on" | "step" | "compensation"
+    kind: str  # "on" | "step" | "compensation" | "completed" | "failed"
     fn: Callable[..., Any]
     event_type: type[Event] | None
     step: str | None = None
@@ -47,6 +49,10 @@ class Service:
         self.steps: dict[str, Handler] = {}
         self.compensations: dict[str, Handler] = {}
         self.deadlines: dict[str, DeadlineSpec] = {}
+        #: the saga definitions whose end this service tracks, by start event type
+        self.sagas: dict[str, SagaDefinition] = {}
+        #: end handlers by (saga name, "completed" | "failed")
+        self.ends: dict[tuple[str, str], Handler] = {}
         self.starts: tuple[type[Event], ...] = tuple(_event_class(self.name, e, "starts") for e in starts)
         self.retry = retry
 
@@ -58,7 +64,7 @@ class Service:
         cls = _event_class(self.name, event_type, "on")
 
         def register(fn: F) -> F:
-            self._add(Handler("on", fn, cls, retry=retry))
+            self._add(Handler("on", _sync(self.name, fn), cls, retry=retry))
             return fn
 
         return register
@@ -78,7 +84,7 @@ class Service:
                     f"service {self.name!r}: step {name!r} is registered twice "
                     f"({self.steps[name].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            handler = Handler("step", fn, cls, name, retry)
+            handler = Handler("step", _sync(self.name, fn), cls, name, retry)
             self.steps[name] = handler
             self._add(handler)
             return fn
@@ -94,7 +100,7 @@ class Service:
                     f"service {self.name!r}: step {step!r} has two compensations "
                     f"({self.compensations[step].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            self.compensations[step] = Handler("compensation", fn, None, step)
+            self.compensations[step] = Handler("compensation", _sync(self.name, fn), None, step)
             return fn
 
         return register
@@ -120,7 +126,55 @@ class Service:
             raise WiringError(f"service {self.name!r}: deadline {name!r} is declared twice")
 
         def register(fn: F) -> F:
-            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, fn, fails_saga)
+            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, _sync(self.name, fn), fails_saga)
+            return fn
+
+        return register
+
+    def saga_completed(self, saga: SagaDefinition) -> Callable[[F], F]:
+        """Register `fn(done: SagaCompleted, ctx)`, called once per saga of `saga` when every step completed.
+
+        Only the service that starts the saga (`starts=[saga.start]`) can register it. The
+        function may return events to emit (the saga's end events, such as `OrderConfirmed`).
+        """
+        return self._end(saga, "completed")
+
+    def saga_failed(self, saga: SagaDefinition) -> Callable[[F], F]:
+        """Register `fn(failed: SagaFailed, ctx)`, called once per failed saga of `saga`.
+
+        It runs when a failure was seen and every step that completed was compensated or
+        skipped; `failed` names the cause, the failed step and the compensated steps.
+        """
+        return self._end(saga, "failed")
+
+    def track(self, saga: SagaDefinition) -> None:
+        """End sagas of `saga` (emit `SagaCompleted`/`SagaFailed`) even without end handlers."""
+        if not isinstance(saga, SagaDefinition):
+            raise WiringError(f"service {self.name!r}: expected a SagaDefinition, got {saga!r}")
+        if saga.start not in self.starts:
+            raise WiringError(
+                f"service {self.name!r} does not start saga {saga.name!r}: only the service that "
+                f"declares starts=[{saga.start.__name__}] can end it"
+            )
+        known = self.sagas.get(saga.start.event_type)
+        if known is not None and known != saga:
+            raise WiringError(
+                f"service {self.name!r}: sagas {known.name!r} and {saga.name!r} both start with "
+                f"{saga.start.__name__}"
+            )
+        self.sagas[saga.start.event_type] = saga
+
+    def _end(self, saga: SagaDefinition, outcome: str) -> Callable[[F], F]:
+        self.track(saga)
+
+        def register(fn: F) -> F:
+            known = self.ends.get((saga.name, outcome))
+            if known is not None:
+                raise WiringError(
+                    f"service {self.name!r}: saga {saga.name!r} has two {outcome} handlers "
+                    f"({known.name} and {fn.__module__}.{fn.__qualname__})"
+                )
+            self.ends[saga.name, outcome] = Handler(outcome, _sync(self.name, fn), None)
             return fn
 
         return register
@@ -147,9 +201,22 @@ class Service:
 
     @property
     def subscribed_types(self) -> frozenset[str]:
-        """Type names of the events this service handles (or that start or cancel its deadlines)."""
+        """Type names of the events this service handles, that start or cancel its deadlines
+        (and the saga ends, which cancel them too), or that start the sagas it ends."""
         timers = {e.event_type for d in self.deadlines.values() for e in (d.start_on, *d.cancel_on)}
-        return frozenset(self.handlers) | timers
+        if self.deadlines:
+            timers |= SAGA_ENDS
+        return frozenset(self.handlers) | timers | frozenset(self.sagas)
+
+
+def _sync(service: str, fn: F) -> F:
+    """Return `fn`, refusing coroutine functions (choreo does not await handlers yet)."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        raise WiringError(
+            f"service {service!r}: {getattr(fn, '__qualname__', fn)!r} is an async def handler; choreo runs "
+            "handlers synchronously for now: make it a plain def (async handlers are planned)"
+        )
+    return fn
 
 
 def _event_class(service: str, obj: object, where: str) -> type[Event]:

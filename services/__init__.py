@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from choreo import SagaDefinition, System
+from choreo import System
 from services import inventory, notification, orders, payment, shipping
-from services.contracts import OrderCancelled, OrderConfirmed, OrderPlaced
-
-ORDER_SAGA = SagaDefinition(
-    name="order_fulfilment",
-    start=OrderPlaced,
-    steps=("reserve_inventory", "process_payment", "create_shipment", "send_confirmation"),
-    end=(OrderConfirmed, OrderCancelled),
-)
+from services.orders import ORDER_SAGA
 
 SERVICES = (orders.service, inventory.service, payment.service, shipping.service, notification.service)
 

@@ -128,7 +128,7 @@ def test_a_parked_event_waits_while_other_sagas_complete_then_retry_completes_it
     store.close()
 
 
-def test_skip_releases_what_was_held_and_compensate_fails_the_saga(
+def test_compensate_goes_ahead_of_a_parked_trigger_and_skips_it(
     tmp_path: Path, broken_shipping: dict[str, bool]
 ) -> None:
     store = open_store(f"sqlite:///{tmp_path}/skip.db")
@@ -138,19 +138,25 @@ def test_skip_releases_what_was_held_and_compensate_fails_the_saga(
     (letter,) = list_dead_letters(store, SERVICES)
     force_compensation(store, stuck, "customer called to cancel")
     runner.run_until_idle()
-    held = list_dead_letters(store, ["shipping"])
-    assert [d.reason.startswith("held behind") for d in held] == [False, True]  # the failure waits behind it
-    request_skip(store, letter, "cancelled by the customer; nothing to ship")
-    runner.run_until_idle()
+    # the forced failure was not held behind the parked trigger: the trigger's step is skipped
     assert list_dead_letters(store, SERVICES) == []
+    (skipped,) = list_dead_letters(store, ["shipping"], status="skipped")
+    assert skipped.id == letter.id and "saga failed (choreo.CompensationForced" in skipped.reason
     projection = SagaProjection(store, sagas=system.sagas)
     projection.update()
     saga = projection.get(stuck)
     assert saga is not None and saga["state"] == "failed"
     assert "forced by operator" in (saga["cause"] or "") or "customer called to cancel" in (saga["cause"] or "")
     assert {n: s["status"] for n, s in saga["steps"].items() if s["status"] != "pending"} == {
-        "reserve_inventory": "compensated", "process_payment": "compensated"}
-    assert all(check_invariants(store, read_facts(store)).values())
+        "reserve_inventory": "compensated", "process_payment": "compensated", "create_shipment": "skipped"}
+    assert any(e["type"] == "choreo.DeadLetterResolved" for e in saga["timeline"])
+    facts = read_facts(store)
+    assert facts[stuck].state == "failed" and "customer called to cancel" in (facts[stuck].cause or "")
+    assert all(check_invariants(store, facts).values())
+    # an operator's later skip of the resolved letter changes nothing
+    request_skip(store, letter, "cancelled by the customer; nothing to ship")
+    runner.run_until_idle()
+    assert read_facts(store)[stuck].state == "failed"
     store.close()
 
 

@@ -27,7 +27,7 @@ def test_happy_path_runs_every_step_and_confirms(harness: TestSystem) -> None:
     harness.run()
     assert harness.types(saga) == [
         "OrderPlaced", "ItemsReserved", "PaymentCaptured", "ShipmentCreated",
-        "ConfirmationSent", "OrderConfirmed",
+        "ConfirmationSent", "choreo.SagaCompleted", "OrderConfirmed",
     ]
     steps = [(e.step, e.outcome) for e in harness.envelopes(saga) if e.step]
     assert steps == [
@@ -39,7 +39,7 @@ def test_happy_path_runs_every_step_and_confirms(harness: TestSystem) -> None:
 def test_out_of_stock_cancels_with_nothing_to_undo(harness: TestSystem) -> None:
     saga = harness.start(order(sku="rare-gem"))
     harness.run()
-    assert harness.types(saga) == ["OrderPlaced", "OutOfStock", "OrderCancelled"]
+    assert harness.types(saga) == ["OrderPlaced", "OutOfStock", "choreo.SagaFailed", "OrderCancelled"]
     assert harness.events(saga)[-1].reason == "reserve_inventory: out of stock"  # type: ignore[attr-defined]
 
 
@@ -47,7 +47,7 @@ def test_declined_payment_releases_the_reservation(harness: TestSystem) -> None:
     saga = harness.start(order(customer_id="broke-1"))
     harness.run()
     assert harness.types(saga) == [
-        "OrderPlaced", "ItemsReserved", "PaymentDeclined", "ItemsReleased", "OrderCancelled",
+        "OrderPlaced", "ItemsReserved", "PaymentDeclined", "ItemsReleased", "choreo.SagaFailed", "OrderCancelled",
     ]
     cancelled = harness.events(saga)[-1]
     assert cancelled.compensated == ["reserve_inventory"]  # type: ignore[attr-defined]
