@@ -33,8 +33,13 @@ def test_the_demo_on_kafka_reaches_the_same_final_states_as_on_sqlite(
     assert len(on_kafka["final_states"]) == 150 and set(on_kafka["states"]) == {"completed", "failed"}
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def spawn(target: str, url: str, cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", url], cwd=cwd)
+    """`choreo run` in `cwd` (where its Kafka state goes), with the example's `services` importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", url], cwd=cwd, env=env)
 
 
 def test_kill_9_of_a_service_on_kafka_then_restart_ends_every_saga(kafka_broker: TansuBroker, tmp_path: Path) -> None:
