@@ -49,10 +49,15 @@ class Parking:
     retry: RetryPolicy
     held: set[str]
 
-    def _new_uow(self) -> UnitOfWork: ...  # noqa: D102 - provided by Processor
-    def _handle(self, env: Envelope, uow: UnitOfWork) -> None: ...  # noqa: D102
+    def _new_uow(self) -> UnitOfWork:  # provided by Processor
+        raise NotImplementedError
+
+    def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
+        raise NotImplementedError
+
     def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
-                updated: Sequence[DeadLetter] = ()) -> None: ...  # noqa: D102
+                updated: Sequence[DeadLetter] = ()) -> None:
+        raise NotImplementedError
 
     def _handle_alone(
         self, env: Envelope, letter: DeadLetter | None = None, first_error: Exception | None = None

@@ -40,11 +40,18 @@ class Timers:
     feed: Feed
     _has_steps: bool
 
-    def _new_uow(self) -> UnitOfWork: ...  # noqa: D102 - provided by Processor
-    def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation: ...  # noqa: D102
-    def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None: ...  # noqa: D102
+    def _new_uow(self) -> UnitOfWork:  # provided by Processor
+        raise NotImplementedError
+
+    def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation:
+        raise NotImplementedError
+
+    def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
+        raise NotImplementedError
+
     def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
-                updated: Sequence[DeadLetter] = ()) -> None: ...  # noqa: D102
+                updated: Sequence[DeadLetter] = ()) -> None:
+        raise NotImplementedError
 
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
         """Schedule or cancel this service's deadlines that `env` starts or cancels."""

@@ -63,7 +63,7 @@ def _id_of(name: str) -> UUID:
     return uuid5(_NAMESPACE, name)
 
 
-def create_with_id(cls: type[Aggregate], agg_id: UUID, **kwargs: Any) -> Aggregate:
+def create_with_id(cls: type[A], agg_id: UUID, **kwargs: Any) -> A:
     """Create an aggregate of `cls` whose id is `agg_id`."""
     token = _next_id.set(agg_id)
     try:

@@ -389,17 +389,21 @@ class Processor(Parking, Timers):
     def _follow(self, env: Envelope, uow: UnitOfWork) -> None:
         """Keep the starter's record of the saga up to date; end the saga when its verdict is in."""
         definition = self._starts.get(env.type)
-        part: Participation | None = self._participation(uow, env.saga_id, create=False)
+        found: Participation | None = self._participation(uow, env.saga_id, create=False)
         if definition is not None:
-            if part is None:
+            if found is None:
                 part = create_with_id(Participation, participation_id(self.service.name, env.saga_id),
-                                      service=self.service.name, saga_id=env.saga_id, saga_type=definition.name)
+                                      service=self.service.name, saga_id=env.saga_id,
+                                      saga_type=definition.name)
                 uow.add(part)
-            elif part.saga_type is None:
-                part.track(definition.name)
-        elif part is None or part.saga_type is None or part.ended is not None or not env.outcome:
+            else:
+                part = found
+                if part.saga_type is None:
+                    part.track(definition.name)
+        elif found is None or found.saga_type is None or found.ended is not None or not env.outcome:
             return  # not a saga this service started (or it ended already)
         else:
+            part = found
             observe(part, env)
         end = verdict(part, self._sagas)
         if end is None:

@@ -39,9 +39,11 @@ def test_fires_once_at_its_time_and_the_saga_compensates(tmp_path: Path) -> None
         frozen.tick(DUE * 3)
         runner.run_until_idle()
         assert len(timeouts(store)) == 1  # exactly once
+        Runner(system, store).run_until_idle()  # shipping comes back: ships, reads the timeout, undoes it
     facts = read_facts(store)[saga]
     assert facts.state == "failed" and facts.cause == "fulfilment deadline passed"
-    assert facts.compensated == {"reserve_inventory", "process_payment"}
+    assert facts.compensated == {"reserve_inventory", "process_payment", "create_shipment"}
+    assert len(timeouts(store)) == 1
     store.close()
 
 
@@ -73,6 +75,8 @@ def test_fires_late_after_a_restart_past_its_time(tmp_path: Path) -> None:
         Runner(system, store, services=ALL_BUT_SHIPPING).run_until_idle()  # back up: it fires, late
         assert len(timeouts(store)) == 1
         Runner(system, store, services=ALL_BUT_SHIPPING).run_until_idle()  # another restart: not again
+        assert len(timeouts(store)) == 1
+        Runner(system, store).run_until_idle()  # shipping too
         assert len(timeouts(store)) == 1
     assert read_facts(store)[saga].state == "failed"
     store.close()

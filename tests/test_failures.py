@@ -183,17 +183,17 @@ def test_the_dlq_commands(tmp_path: Path, broken_shipping: dict[str, bool], caps
     runner = Runner(system, store)
     stuck = runner.start(order(0))
     runner.run_until_idle()
-    assert main(["dlq", "list", "--store", url]) == 0
+    assert main(["dlq", "list", "--store", url, "--system", "services:system"]) == 0
     out = capsys.readouterr().out
     assert "shipping:1" in out and stuck in out and "1 dead letter(s)" in out
     assert main(["dlq", "show", "shipping:1", "--store", url]) == 0
     assert "carrier API is down" in capsys.readouterr().out
-    assert main(["dlq", "show", "shipping:99", "--store", url]) == 2
+    assert main(["dlq", "show", "shipping:99", "--store", url]) == 1
     assert "no dead letter 'shipping:99'" in capsys.readouterr().err
     broken_shipping["fixed"] = True
-    assert main(["dlq", "retry", "--all", "--store", url, "--reason", "fixed"]) == 0
+    assert main(["dlq", "retry", "--all", "--store", url, "--system", "services:system", "--reason", "fixed"]) == 0
     runner.run_until_idle()
-    assert main(["dlq", "list", "--store", url, "--status", "retried", "--json"]) == 0
+    assert main(["dlq", "list", "--store", url, "--service", "shipping", "--status", "retried", "--json"]) == 0
     assert '"status": "retried"' in capsys.readouterr().out
     assert read_facts(store)[stuck].state == "completed"
     store.close()
