@@ -245,6 +245,27 @@ def test_reset_positions_resets_then_runs_on_a_store_that_has_it(
     assert "payment: position in log reset from 7 to 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_reset_positions_on_kafka_moves_positions_past_the_end_back(
+    kafka_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_store(kafka_url) as store:
+        system.start(store, plan(1, 1)[0][1])
+        topic = store.topic  # type: ignore[attr-defined]
+        own = store.service("payment")
+        ahead = {f"{topic}:{p}": 1000 for p in store.partition_ends()}  # type: ignore[attr-defined]
+        own.inner.set_tracking(ahead)  # type: ignore[attr-defined]  # as if the broker lost its data
+    ran: list[str] = []
+    monkeypatch.setattr("choreo._run_cli.run_service", lambda service, s, **_: ran.append(service.name))
+    monkeypatch.setattr("choreo._run_cli.gc.freeze", lambda: None)
+    assert main(["run", "services.payment:service", "--store", kafka_url, "--reset-positions"]) == 0
+    out = capsys.readouterr().out
+    assert ran == ["payment"]
+    assert all(f"payment: position in {source} reset from 1000 to 0" in out for source in ahead), out
+    with open_store(kafka_url) as store:
+        assert all(store.service("payment").tracking().get(source) == 0 for source in ahead)
+
+
 def test_sagas_no_update_writes_and_creates_nothing(sagas_url: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "sagas.db"
