@@ -6,6 +6,9 @@
     │   ├── UnknownEventType (LookupError)  no event class has this type name
     │   └── EventValidationError            the payload breaks the event's schema
     ├── AggregateNotFound (LookupError)     ctx.load() of an aggregate that does not exist
+    ├── CommandRefused (ValueError)         an operator command that could do harm; nothing written
+    │   └── SagaNotFound (LookupError)      no event of the named saga is in the log
+    ├── DeadLetterNotFound (LookupError)    a service has no dead letter with that id
     ├── StoreError (OSError)                the event store cannot be used
     │   ├── StoreURLError (ValueError)      the store URL is not one choreo understands
     │   ├── StoreCorrupt                    the file is not a usable choreo database
@@ -59,6 +62,26 @@ class AggregateNotFound(ChoreoError, LookupError):
 
 class AggregateExists(ChoreoError):
     """`ctx.create()` was asked for an aggregate whose business key is taken."""
+
+
+class CommandRefused(ChoreoError, ValueError):
+    """An operator command was refused, writing nothing: it is malformed or could do harm.
+
+    `state` is the saga's state when the saga's state is the reason (e.g. "completed").
+    """
+
+    def __init__(self, message: str, *, state: str | None = None) -> None:
+        self.state = state
+        super().__init__(message)
+
+
+class SagaNotFound(CommandRefused, LookupError):
+    """No event of the named saga is in the log."""
+
+
+
+class DeadLetterNotFound(ChoreoError, LookupError):
+    """The named service has no dead letter with that id."""
 
 
 class StoreError(ChoreoError, OSError):

@@ -13,7 +13,7 @@ from typing import ClassVar
 from uuid import uuid4
 
 from choreo import clock
-from choreo.errors import ChoreoError
+from choreo.errors import ChoreoError, CommandRefused, DeadLetterNotFound, SagaNotFound
 from choreo.events import Envelope, Event, Outcome, encode_payload
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.store import DeadLetter, EventStore
@@ -75,25 +75,6 @@ class CompensationForced(Event):
 
 
 OPERATOR_COMMANDS = frozenset({RetryRequested.event_type, SkipRequested.event_type})
-
-
-class CommandRefused(ChoreoError, ValueError):
-    """An operator command was refused, writing nothing: it is malformed or could do harm.
-
-    `state` is the saga's state when the saga's state is the reason (e.g. "completed").
-    """
-
-    def __init__(self, message: str, *, state: str | None = None) -> None:
-        self.state = state
-        super().__init__(message)
-
-
-class SagaNotFound(CommandRefused, LookupError):
-    """No event of the named saga is in the log."""
-
-
-class DeadLetterNotFound(ChoreoError, LookupError):
-    """The named service has no dead letter with that id."""
 
 
 @dataclass(frozen=True)
