@@ -1,12 +1,15 @@
 """The in-memory store: the log and every service's state in dicts, for unit tests.
 
-It meets the same contract as the SQLite and Kafka stores (tests/store_contract.py).
+It meets the same contract as the SQLite and Kafka stores (tests/store_contract.py),
+including the read models' compare-and-set. `open_store("memory://", create=False)`
+gives a new, empty store like any other memory store.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -16,7 +19,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 
 from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
-from choreo.errors import ConcurrencyConflict
+from choreo.errors import ConcurrencyConflict, EventIdTaken
 from choreo.events import Envelope
 from choreo.store import (
     DeadLetter, DocumentStore, Interest, LogStore, ServiceStore, Tracking, check_service_name,
@@ -90,6 +93,8 @@ class _InMemoryDocumentStore(DocumentStore):
         self._docs: dict[str, str] = {}
         self._entries: dict[str, list[str]] = {}
         self._tracking: Tracking = {}
+        self._meta: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> dict[str, Any] | None:
         text = self._docs.get(key)
@@ -101,11 +106,20 @@ class _InMemoryDocumentStore(DocumentStore):
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
+        expected: Mapping[str, int] | None = None,
+        expected_meta: Mapping[str, Any] | None = None,
     ) -> None:
-        self._tracking = forward(self._tracking, tracking, "read model")
-        self._docs.update({k: json.dumps(v) for k, v in docs.items()})
-        for key, entries in (appended or {}).items():
-            self._entries.setdefault(key, []).extend(json.dumps(e) for e in entries)
+        with self._lock:
+            if expected is not None and self._tracking != dict(expected):
+                raise ConcurrencyConflict(f"read model: another writer moved it to {self._tracking}")
+            meta = self.meta()
+            changed = sorted(k for k, v in (expected_meta or {}).items() if meta.get(k) != v)
+            if changed:
+                raise ConcurrencyConflict(f"read model: another writer changed its {', '.join(changed)}")
+            self._tracking = forward(self._tracking, tracking, "read model")
+            self._docs.update({k: json.dumps(v) for k, v in docs.items()})
+            for key, entries in (appended or {}).items():
+                self._entries.setdefault(key, []).extend(json.dumps(e) for e in entries)
 
     def entries(self, key: str) -> list[Any]:
         return [json.loads(e) for e in self._entries.get(key, ())]
@@ -117,10 +131,15 @@ class _InMemoryDocumentStore(DocumentStore):
     def tracking(self) -> Tracking:
         return dict(self._tracking)
 
-    def clear(self) -> None:
-        self._docs.clear()
-        self._entries.clear()
-        self._tracking = {}
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._meta.items()}
+
+    def clear(self, meta: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            self._docs.clear()
+            self._entries.clear()
+            self._tracking = {}
+            self._meta = {k: json.dumps(v) for k, v in (meta or {}).items()}
 
 
 class _InMemoryServiceStore(ServiceStore):
@@ -170,8 +189,12 @@ class _InMemoryServiceStore(ServiceStore):
                     )
                 latest[agg_id] = e.originator_version
             ids = [env.event_id for env in emitted]
-            if len(set(ids)) != len(ids) or self.store._event_ids.intersection(ids):
-                raise ConcurrencyConflict(f"{self.name}: event id already in the log")
+            taken = {i for i, n in Counter(ids).items() if n > 1} | self.store._event_ids.intersection(ids)
+            if taken:
+                raise EventIdTaken(
+                    f"{self.name}: emitted event id(s) {', '.join(map(repr, sorted(taken)))} already in the log "
+                    "for another event"
+                )
             for e in events:
                 self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
             for i, d in enumerate(parked, start=len(self._dead) + 1):

@@ -7,29 +7,47 @@ position are committed together, so it processes each event exactly once and
 resumes after a restart. A batch writes each touched document once and each
 entry once (a saga's timeline is never rewritten). `replay()` rebuilds from
 position 0 and gives exactly what incremental updates give: both use `apply()`.
+
+Several writers may update one projection at once (every `choreo sagas list` is
+one): a batch commits only if the stored tracking is still the one it started
+from, else it is discarded and read again. What is stored never depends on which
+event classes the process loaded; it depends on the saga definitions, so their
+fingerprint is stored with the projection, and a writer with other definitions
+rebuilds it from position 0. A read-only projection (`read_only=True`) never
+writes: it answers from what is stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 
 from choreo import clock
-from choreo.errors import ConcurrencyConflict
+from choreo.errors import ConcurrencyConflict, StoreError
 from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
-from choreo.saga import SagaDefinition
-from choreo.store import EventStore, Row, advance_rows
+from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
+from choreo.store import EventStore, Feed, Row, Tracking, advance_rows
+
+log = logging.getLogger("choreo.projection")
 
 FINAL_STATES = frozenset({"completed", "failed"})
-NO_SAGA = "(no saga id)"
+#: The key of the document that counts the events without a saga id (never a saga's id).
+NO_SAGA = ""
+#: The key under which `SagaProjection.counts()` reports the events without a saga id.
+NO_SAGA_COUNT = "events_without_saga_id"
+#: The version of `apply()` and `entry_of()`: a projection stored by another version is rebuilt.
+FOLD_VERSION = 2
 _NOTES = frozenset({HandlerRetried.event_type, EventParked.event_type, DeadLetterResolved.event_type})
 _PARKED, _RESOLVED = EventParked.event_type, DeadLetterResolved.event_type
+_COMPLETED, _FAILED = SagaCompleted.event_type, SagaFailed.event_type
 _SEEN = "event_ids"  # every event a saga document has folded in (redeliveries are ignored)
 _HIDDEN = frozenset({_SEEN, "timeline"})
 #: the name of the projection's documents in the store (`rm_sagas_*` tables on SQLite)
@@ -38,21 +56,54 @@ STATES = ("started", "running", "compensating", "completed", "failed", "stuck")
 
 
 #: A timeline entry is stored compactly as a list: these fields in this order, then a dict
-#: of what only some events have (`unknown`, `cause`, `attempts`, `note`).
+#: of what only some events have (`unknown`, `cause`, `attempts`, `note`). `occurred_at`
+#: is an ISO 8601 time with a UTC offset, or None if the log's was not one.
 FIELDS = ("position", "event_id", "type", "service", "step", "outcome", "occurred_at", "causation_id")
 _POSITION, _ID, _TYPE, _SERVICE, _STEP, _OUTCOME, _AT, _CAUSATION, _EXTRA = range(9)
 
 
+def parse_time(text: Any) -> datetime | None:
+    """An ISO 8601 time as an aware datetime (UTC if it has no offset), or None if it is not one."""
+    try:
+        t = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _stored_time(when: Any) -> str | None:
+    """The log's time as kept in an entry: as written if it has a UTC offset, else with +00:00."""
+    try:
+        t = datetime.fromisoformat(when)
+    except (TypeError, ValueError):
+        return None
+    return str(when) if t.tzinfo else t.replace(tzinfo=timezone.utc).isoformat()
+
+
+def _end_cause(payload: Mapping[str, Any]) -> str:
+    """The cause of a saga as `choreo.SagaFailed` tells it: the failed step, the failure's type and reason."""
+    cause = str(payload.get("failure_type") or _FAILED)
+    if payload.get("reason"):
+        cause += f": {payload['reason']}"
+    return f"{payload['failed_step']}: {cause}" if payload.get("failed_step") else cause
+
+
 def entry_of(row: Row) -> list[Any]:
-    """The timeline entry of a log row (see `choreo.store.ROW_FIELDS`): what the projection keeps."""
-    position, event_id, kind, version, _, causation_id, service, step, outcome, when, text, _ = row
+    """The timeline entry of a log row (see `choreo.store.ROW_FIELDS`): what the projection keeps.
+
+    It depends on the row alone, never on which event classes this process loaded: a
+    row whose time is not an ISO 8601 time, or whose payload is not a JSON object, is
+    marked `unknown` with the reason.
+    """
+    position, event_id, kind, _, _, causation_id, service, step, outcome, when, text, _ = row
     extra: dict[str, Any] = {}
-    entry = [position, event_id, kind, service, step, outcome, str(when), causation_id, extra]
-    # The writer validated the event against its schema; a replay only needs to know the
-    # type and read the payload's JSON (re-validating every event would cost most of it).
-    if not is_known_type(kind):
-        extra["unknown"] = f"unknown event type {kind!r} (schema version {version})"
+    at = _stored_time(when)
+    entry = [position, event_id, kind, service, step, outcome, at, causation_id, extra]
+    if at is None:
+        extra["unknown"] = f"{kind}: occurred_at {when!r} is not an ISO 8601 time"
         return entry
+    # The writer validated the event against its schema; a replay only needs to read the
+    # payload's JSON (re-validating every event would cost most of it).
     try:
         if not isinstance(text, str):
             raise ValueError(f"stored as {type(text).__name__}")
@@ -62,7 +113,9 @@ def entry_of(row: Row) -> list[Any]:
     except ValueError as e:
         extra["unknown"] = f"{kind}: payload is not a JSON object: {e}"
         return entry
-    if outcome == Outcome.FAILED:
+    if kind == _FAILED:
+        extra["cause"] = _end_cause(payload)
+    elif outcome == Outcome.FAILED:
         reason = payload.get("reason")
         extra["cause"] = f"{kind}: {reason}" if reason else kind
     if kind in _NOTES:
@@ -73,7 +126,6 @@ def entry_of(row: Row) -> list[Any]:
         elif kind == _RESOLVED:
             extra["note"] = f"{payload.get('status')}: {payload.get('reason', '')}"
     return entry
-
 
 def as_dict(entry: Sequence[Any]) -> dict[str, Any]:
     """A stored timeline entry as the dict `SagaProjection.get()` shows."""
@@ -102,6 +154,13 @@ class Catalog:
         definitions = tuple(definitions)
         return cls({d.start.event_type: d for d in reversed(definitions)}, {d.name: d for d in reversed(definitions)})
 
+    def fingerprint(self) -> str:
+        """A digest of everything the fold reads from the definitions: names, start types, steps, end types."""
+        sagas = sorted([d.name, d.start.event_type, list(d.steps), sorted(d.end_types)] for d in self.by_name.values())
+        starts = sorted([start, d.name] for start, d in self.by_start.items())
+        text = json.dumps([sagas, starts], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
     """Fold one timeline entry into a saga document (the one rule for updates and replays).
@@ -113,7 +172,8 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
         return False  # the same event delivered again
     seen.append(event_id)
     when, kind, extra = entry[_AT], entry[_TYPE], entry[_EXTRA]
-    saga["updated_at"] = when
+    if when is not None:
+        saga["updated_at"] = when
     if "unknown" in extra:
         saga["unknown_events"] += 1
         return True
@@ -125,6 +185,9 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
         if started:
             for name in started.steps:
                 steps[name] = _step(None)
+    if kind in (_COMPLETED, _FAILED):
+        _end(saga, kind, extra, when)
+        return True
     definition = catalog.by_name.get(saga["saga_type"])
     step, outcome, service = entry[_STEP], entry[_OUTCOME], entry[_SERVICE]
     if kind == _PARKED:
@@ -164,19 +227,32 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
     return True
 
 
+def _end(saga: dict[str, Any], kind: str, extra: Mapping[str, Any], when: str) -> None:
+    """Fold choreo's own end of a saga: it decides, whatever the definition's end types say.
+
+    A saga that ended one way (choreo's end, or a definition's end event with that
+    outcome) never shows the other.
+    """
+    completed = kind == _COMPLETED
+    if saga["ended_at"] is not None and (saga["state"] == "completed") != completed:
+        return  # it ended the other way
+    if not completed and saga["cause"] is None:
+        saga["cause"] = extra.get("cause", kind)
+    saga["state"] = "completed" if completed else "failed"
+    if saga["ended_at"] is None:
+        saga["ended_at"] = when
+
+
 def _step(service: str | None) -> dict[str, Any]:
     return {"service": service, "status": "pending", "events": []}
 
 
 def effective_state(saga: dict[str, Any], now: datetime, stuck_after: timedelta | None) -> str:
     """The saga's state, or `stuck` if it is not final and made no progress for `stuck_after`."""
-    if (
-        stuck_after is not None
-        and saga["state"] not in FINAL_STATES
-        and saga["updated_at"]
-        and now - datetime.fromisoformat(saga["updated_at"]) > stuck_after
-    ):
-        return "stuck"
+    if stuck_after is not None and saga["state"] not in FINAL_STATES:
+        updated = parse_time(saga["updated_at"])
+        if updated is not None and now - updated > stuck_after:
+            return "stuck"
     return str(saga["state"])
 
 
@@ -192,7 +268,12 @@ class SagaFilter:
 
 
 class SagaProjection:
-    """The read model of every saga, kept up to date from the log, queryable."""
+    """The read model of every saga, kept up to date from the log, queryable.
+
+    `read_only=True` (the default on a store opened with `create=False`) never writes:
+    `get()`, `list()` and `counts()` answer from what is stored, and `update()` and
+    `replay()` raise `StoreError`.
+    """
 
     def __init__(
         self,
@@ -201,37 +282,41 @@ class SagaProjection:
         sagas: Iterable[SagaDefinition] = (),
         stuck_after: timedelta | None = timedelta(minutes=5),
         batch_size: int = 10_000,
+        read_only: bool | None = None,
     ) -> None:
         self.store = store
         self.catalog = Catalog.of(sagas)
         self.stuck_after = stuck_after
         self.batch_size = batch_size
+        self.read_only = store.read_only if read_only is None else read_only
         self.documents = store.documents(DOCUMENTS)
-        self.feed = store.feed(DOCUMENTS, self.documents.tracking, group=False)
+        #: what the stored fold must have been built with: this fold and these definitions
+        self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
+        self._feed: Feed | None = None
+        self._base: Tracking = {}  # the stored tracking the next batch starts from
 
     def update(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Fold every new event of the log into the read model; return how many were read.
 
-        `progress(read_so_far, size_hint)` is called after each batch.
+        `progress(read_so_far, size_hint)` is called after each batch. A projection stored
+        with other saga definitions (or by another version of the fold) is first rebuilt
+        from position 0. Raises `StoreError` if the projection is read-only, and
+        `ConcurrencyConflict` if another writer with other definitions keeps rebuilding it.
         """
+        feed = self._writable_feed()
+        rebuilt = self._sync(feed, rebuilt=False, rewind=False)
         total = 0
         size = self.store.size_hint()
-        while batch := self.feed.poll_rows(self.batch_size, self.store.idle_timeout):
-            touched = self.documents.get_many({row[4] or NO_SAGA for row in batch})
-            timelines: dict[str, list[list[Any]]] = {}
-            for row in batch:
-                saga_id = row[4] or NO_SAGA
-                saga = touched.get(saga_id)
-                if saga is None:
-                    saga = touched[saga_id] = new_saga(saga_id)
-                entry = entry_of(row)
-                if apply(saga, entry, self.catalog):
-                    timelines.setdefault(saga_id, []).append(entry)
+        while batch := feed.poll_rows(self.batch_size, self.store.idle_timeout):
+            touched, timelines = self._fold(batch)
+            reached = advance_rows(batch)
             try:
-                self.documents.put(touched, tracking=advance_rows(batch), appended=timelines)
-            except ConcurrencyConflict:  # another process updated the read model first
-                self.feed.rewind()
+                self.documents.put(touched, tracking=reached, appended=timelines, expected=self._base,
+                                   expected_meta=self.meta)
+            except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
+                rebuilt = self._sync(feed, rebuilt, rewind=True)
                 continue
+            self._base = {**self._base, **reached}
             total += len(batch)
             if progress:
                 progress(total, size)
@@ -239,17 +324,95 @@ class SagaProjection:
 
     def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Drop the read model and rebuild it from the start of the log."""
-        self.documents.clear()
-        self.feed.rewind()
+        feed = self._writable_feed()
+        self.documents.clear(self.meta)
+        feed.rewind()
         return self.update(progress)
+
+    def outdated(self) -> str | None:
+        """Why the stored projection was not built by this one's fold and saga definitions, or None.
+
+        A read-only projection answers from what is stored even then; a writer rebuilds it.
+        """
+        return self._why(self.documents.meta())
+
+    def _why(self, stored: Mapping[str, Any]) -> str | None:
+        """`outdated()` for the stored metadata `stored`."""
+        if not stored and not self.documents.tracking():
+            return None  # nothing stored yet
+        if "fold" not in stored:
+            return "it was stored by an older choreo, with no record of its fold and saga definitions"
+        if stored.get("fold") != self.meta["fold"]:
+            return f"it was stored by another version of the fold ({stored.get('fold')}, this is {FOLD_VERSION})"
+        if stored.get("catalog") != self.meta["catalog"]:
+            return (f"it was built with other saga definitions (fingerprint {str(stored.get('catalog'))[:12]}, "
+                    f"these are {self.meta['catalog'][:12]})")
+        return None
 
     def close(self) -> None:
         """Leave the log."""
-        self.feed.close()
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
+
+    def _writable_feed(self) -> Feed:
+        if self.read_only:
+            raise StoreError("the saga projection is read-only: it answers from what is stored and never "
+                             "updates (open it without read_only=True to update it)")
+        if self._feed is None:
+            self._feed = self.store.feed(DOCUMENTS, self._tracked, group=False)
+        return self._feed
+
+    def _tracked(self) -> Tracking:
+        """The stored tracking, which the feed starts after and the next batch expects to find."""
+        self._base = self.documents.tracking()
+        return dict(self._base)
+
+    def _sync(self, feed: Feed, rebuilt: bool, *, rewind: bool) -> bool:
+        """Rebuild the projection if it was stored by another fold; rewind the feed to what is stored.
+
+        Returns whether it rebuilt (now or before, per `rebuilt`); a second rebuild in one
+        update means another writer with other definitions keeps rebuilding it.
+        """
+        stored = self.documents.meta()
+        if stored != self.meta:
+            why = self._why(stored)
+            if why is not None:  # else nothing is stored yet: only the fingerprint is written
+                if rebuilt:
+                    raise ConcurrencyConflict(f"saga projection: another writer keeps rebuilding it: {why}")
+                log.warning("saga projection: rebuilding from position 0: %s", why)
+                rebuilt = True
+            self.documents.clear(self.meta)
+            rewind = True
+        if rewind:
+            feed.rewind()
+        return rebuilt
+
+    def _fold(self, batch: Sequence[Row]) -> tuple[dict[str, dict[str, Any]], dict[str, list[list[Any]]]]:
+        """Fold a batch into the documents it touches; return them and the new timeline entries by saga."""
+        touched = self.documents.get_many({str(row[4]) if row[4] else NO_SAGA for row in batch})
+        timelines: dict[str, list[list[Any]]] = {}
+        for row in batch:
+            saga_id = str(row[4]) if row[4] else NO_SAGA
+            saga = touched.get(saga_id)
+            if saga_id == NO_SAGA:  # counted, not a saga
+                saga = touched.setdefault(NO_SAGA, {"saga_id": NO_SAGA, _SEEN: []})
+                if row[1] not in saga[_SEEN]:
+                    saga[_SEEN].append(row[1])
+                continue
+            if saga is None:
+                saga = touched[saga_id] = new_saga(saga_id)
+            entry = entry_of(row)
+            if apply(saga, entry, self.catalog):
+                timelines.setdefault(saga_id, []).append(entry)
+        return touched, timelines
 
     def get(self, saga_id: str, *, as_of: int | datetime | None = None) -> dict[str, Any] | None:
-        """One saga's document (state, steps, timeline), optionally as it stood at a position or time."""
-        saga = self.documents.get(saga_id)
+        """One saga's document (state, steps, timeline), optionally as it stood at a position or time.
+
+        A timeline entry whose type no event class of this process has is marked `unknown`.
+        """
+        saga = self.documents.get(saga_id) if saga_id != NO_SAGA else None
         if saga is None:
             return None
         timeline = self.documents.entries(saga_id)
@@ -259,14 +422,15 @@ class SagaProjection:
                 if isinstance(as_of, int):
                     later = entry[_POSITION] > as_of
                 else:
-                    later = datetime.fromisoformat(entry[_AT]) > as_of
+                    at = parse_time(entry[_AT])
+                    later = at is not None and at > as_of
                 if later:
                     break
                 apply(saga, entry, self.catalog)
                 upto.append(entry)
             timeline = upto
         saga = {k: v for k, v in saga.items() if k not in _HIDDEN}
-        saga["timeline"] = [as_dict(e) for e in timeline]
+        saga["timeline"] = [_shown(e) for e in timeline]
         saga["state"] = effective_state(saga, clock.now(), self.stuck_after)
         return saga
 
@@ -276,8 +440,10 @@ class SagaProjection:
         now = clock.now()
         out = []
         for saga in self.documents.scan():
+            if saga["saga_id"] == NO_SAGA:
+                continue
             state = effective_state(saga, now, where.stuck_for or self.stuck_after)
-            started = datetime.fromisoformat(saga["started_at"]) if saga["started_at"] else None
+            started = parse_time(saga["started_at"])
             if where.stuck_for and state != "stuck":
                 continue
             if where.state and state != where.state:
@@ -294,11 +460,22 @@ class SagaProjection:
         return sorted(out, key=lambda s: (s["started_at"] or "", s["saga_id"]))
 
     def counts(self) -> dict[str, int]:
-        """How many sagas are in each state."""
+        """How many sagas are in each state; and, under `NO_SAGA_COUNT`, how many events had no saga id."""
         counts: dict[str, int] = {}
         for s in self.list():
             counts[s["state"]] = counts.get(s["state"], 0) + 1
+        orphans = self.documents.get(NO_SAGA)
+        if orphans and orphans[_SEEN]:
+            counts[NO_SAGA_COUNT] = len(orphans[_SEEN])
         return dict(sorted(counts.items()))
+
+
+def _shown(entry: Sequence[Any]) -> dict[str, Any]:
+    """A stored entry as `get()` shows it: an event type unknown to this process is marked then, not stored."""
+    shown = as_dict(entry)
+    if "unknown" not in shown and not is_known_type(shown["type"]):
+        shown["unknown"] = f"event type {shown['type']!r} is not known to this process"
+    return shown
 
 
 def dumps(doc: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The SQLite event store: one database file in WAL mode, shared by every service.
 
-This is the only module that speaks SQL. Tables:
+This module and `choreo._sqlite_documents` (a read model's tables, which this store
+opens) are the only ones that speak SQL. Tables:
 
 - `choreo_log`: the shared log of integration events; `position` is the global order.
 - `svc_<name>_events`: a service's aggregate events (the `eventsourcing` stored-event shape).
@@ -8,6 +9,8 @@ This is the only module that speaks SQL. Tables:
 - `svc_<name>_handled`: ids of the events the service handled (only with `dedupe=True`,
   for logs that can deliver an event twice, such as Kafka).
 - `svc_<name>_dead_letters`: events the service parked, with the reason.
+- `svc_<name>_deadlines`: the service's deadlines (scheduled, cancelled, fired).
+- `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
 
 Every write is a `BEGIN IMMEDIATE` transaction, so a writer waits for the lock
 (up to `lock_timeout`) instead of failing half-way. `durability="full"` (the
@@ -15,6 +18,11 @@ default) fsyncs every commit (`synchronous=FULL`): a committed event survives a
 crash of the process and of the machine. `durability="normal"` is faster and
 still survives `kill -9` of the process, but a power cut may lose the last
 commits.
+
+`create=False` opens an existing file read-only (SQLite's `mode=ro`): nothing is
+created or written, not even the log's table. On a database in WAL mode SQLite may
+still create the `-wal` and `-shm` files beside it, as any reader does; if the folder
+does not let it, the store cannot be read and says so.
 """
 
 from __future__ import annotations
@@ -24,18 +32,22 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import groupby
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
-import orjson
 from eventsourcing.persistence import StoredEvent
 
+from choreo._sqlite_documents import SQLiteDocumentStore
 from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
-from choreo.errors import ConcurrencyConflict, StoreCorrupt, StoreError, StoreLocked, StoreURLError
+from choreo.errors import (
+    ConcurrencyConflict, EventIdTaken, StoreCorrupt, StoreError, StoreLocked, StoreNotFound, StoreURLError,
+)
 from choreo.events import Envelope
 from choreo.store import (
     DeadLetter, DocumentStore, Interest, LogStore, Row, ServiceStore, Tracking, check_service_name,
@@ -80,17 +92,16 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 """
-_DOCUMENT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rm_{name}_entries (id INTEGER PRIMARY KEY, key TEXT NOT NULL, entries TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS rm_{name}_entries_by_key ON rm_{name}_entries (key, id);
-CREATE TABLE IF NOT EXISTS rm_{name}_tracking (source TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
-"""
+_SERVICE_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class SQLiteStore(LogStore):
-    """The event store in one SQLite file, usable by several threads and processes at once."""
+    """The event store in one SQLite file, usable by several threads and processes at once.
+
+    With `create=False` an existing file is opened read-only (`StoreNotFound` if it is
+    missing) and every write raises `StoreError`.
+    """
 
     def __init__(
         self,
@@ -100,6 +111,7 @@ class SQLiteStore(LogStore):
         lock_timeout: float = 30.0,
         poll_interval: float = 0.01,
         dedupe: bool = False,
+        create: bool = True,
     ) -> None:
         if durability not in _SYNCHRONOUS:
             raise StoreURLError(
@@ -113,18 +125,26 @@ class SQLiteStore(LogStore):
         self.lock_timeout = float(lock_timeout)
         self.poll_interval = poll_interval
         self.dedupe = dedupe
+        self.read_only = not create
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._changed = threading.Condition()
         self._services: dict[str, _SQLiteServiceStore] = {}
         self._check_file()
-        with self._write() as c:
-            c.executescript_safe(_SCHEMA)
+        if self.read_only:
+            if not self.tables(["choreo_log"]):
+                self.close()
+                raise StoreNotFound(f"{self.path}: not a choreo store (it has no log); nothing was created")
+        else:
+            with self._write() as c:
+                c.executescript_safe(_SCHEMA)
 
     # -- connections and transactions ------------------------------------------------
     def _check_file(self) -> None:
         folder = os.path.dirname(self.path)
+        if self.read_only and not os.path.exists(self.path):
+            raise StoreNotFound(f"{self.path}: no such choreo store; nothing was created")
         if not os.path.isdir(folder):
             raise StoreError(f"{self.path}: folder {folder} does not exist")
         if os.path.isdir(self.path):
@@ -140,14 +160,16 @@ class SQLiteStore(LogStore):
         if conn is None:
             try:
                 conn = sqlite3.connect(
-                    self.path,
+                    f"file:{quote(self.path)}?mode=ro" if self.read_only else self.path,
                     timeout=self.lock_timeout,
                     isolation_level=None,
                     check_same_thread=False,
                     cached_statements=256,
+                    uri=self.read_only,
                 )
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.durability]}")
+                if not self.read_only:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.durability]}")
             except sqlite3.Error as e:
                 raise self._translate(e) from e
             self._local.conn = conn
@@ -159,6 +181,11 @@ class SQLiteStore(LogStore):
         text = str(e)
         if isinstance(e, sqlite3.IntegrityError):
             return ConcurrencyConflict(f"{self.path}: {text}")
+        if self.read_only and "unable to open" in text:
+            return StoreError(
+                f"{self.path}: cannot be read read-only: {text} (a database in WAL mode needs its "
+                f"-shm file, which SQLite creates beside it: is the folder writable?)"
+            )
         if "locked" in text or "busy" in text:
             return StoreLocked(
                 f"{self.path}: database is locked (waited {self.lock_timeout:g}s): {text}"
@@ -171,6 +198,8 @@ class SQLiteStore(LogStore):
 
     @contextmanager
     def _write(self) -> Iterator[_Cursor]:
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only (create=False); nothing can be written")
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -197,6 +226,12 @@ class SQLiteStore(LogStore):
     def _tracked(self, table: str) -> Tracking:
         """Return the positions recorded in a tracking table, by source."""
         return dict(self._query(f"SELECT source, position FROM {table}"))
+
+    def tables(self, names: Collection[str]) -> set[str]:
+        """Return those of the tables `names` that exist in the file."""
+        marks = ",".join("?" * len(names))
+        rows = self._query(f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ({marks})", list(names))
+        return {r[0] for r in rows}
 
     # -- the log ---------------------------------------------------------------------
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
@@ -250,8 +285,16 @@ class SQLiteStore(LogStore):
         with self._guard:
             store = self._services.get(name)
         if store is None:
-            with self._write() as c:
-                c.executescript_safe(_SERVICE_SCHEMA.format(name=name))
+            if self.read_only:
+                wanted = [f"svc_{name}_{table}" for table in _SERVICE_TABLES]
+                missing = sorted(set(wanted) - self.tables(wanted))
+                if len(missing) == len(wanted):
+                    raise StoreNotFound(f"no service {name!r} in {self.path}")
+                if missing:
+                    raise StoreNotFound(f"service {name!r} in {self.path} lacks table(s) {', '.join(missing)}")
+            else:
+                with self._write() as c:
+                    c.executescript_safe(_SERVICE_SCHEMA.format(name=name))
             store = _SQLiteServiceStore(self, name)
             with self._guard:
                 self._services[name] = store
@@ -259,9 +302,7 @@ class SQLiteStore(LogStore):
 
     def documents(self, name: str) -> DocumentStore:
         check_service_name(name)
-        with self._write() as c:
-            c.executescript_safe(_DOCUMENT_SCHEMA.format(name=name))
-        return _SQLiteDocumentStore(self, name)
+        return SQLiteDocumentStore(self, name)
 
     def close(self) -> None:
         with self._guard:
@@ -371,6 +412,36 @@ class _SQLiteServiceStore(ServiceStore):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
     ) -> None:
+        try:
+            self._commit(events, emitted, tracking, parked, handled, updated, deadlines)
+        except _IdTaken:  # rolled back: the ids found in the log now are those taken before
+            ids = [env.event_id for env in emitted]
+            twice = {i for i, n in Counter(ids).items() if n > 1}
+            taken = sorted(twice | self._in_log(ids)) or ["(unknown)"]
+            raise EventIdTaken(
+                f"{self.name}: emitted event id(s) {', '.join(map(repr, taken))} already in the log "
+                "for another event"
+            ) from None
+
+    def _in_log(self, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.store._query(
+                f"SELECT event_id FROM choreo_log WHERE event_id IN ({marks})", chunk))
+        return found
+
+    def _commit(
+        self,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        tracking: Mapping[str, int],
+        parked: Sequence[DeadLetter],
+        handled: Sequence[str],
+        updated: Sequence[DeadLetter],
+        deadlines: Sequence[Deadline],
+    ) -> None:
         with self.store._write() as c:
             if events:
                 c.c.executemany(
@@ -381,7 +452,12 @@ class _SQLiteServiceStore(ServiceStore):
                     ],
                 )
             if emitted:
-                c.insert_log(emitted)
+                try:
+                    c.insert_log(emitted)
+                except sqlite3.IntegrityError as e:
+                    if "choreo_log.event_id" in str(e):
+                        raise _IdTaken from e
+                    raise
             for d in parked:
                 c.c.execute(
                     f"INSERT INTO {self._dead} (position, event_id, saga_id, type, reason, error, "
@@ -456,67 +532,8 @@ class _SQLiteServiceStore(ServiceStore):
         ]
 
 
-class _SQLiteDocumentStore(DocumentStore):
-    def __init__(self, store: SQLiteStore, name: str) -> None:
-        self.store = store
-        self.name = name
-        self._docs = f"rm_{name}_documents"
-        self._entries = f"rm_{name}_entries"
-        self._tracking = f"rm_{name}_tracking"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
-        return orjson.loads(rows[0][0]) if rows else None
-
-    def entries(self, key: str) -> list[Any]:
-        rows = self.store._query(f"SELECT entries FROM {self._entries} WHERE key = ? ORDER BY id", (key,))
-        return [entry for row in rows for entry in orjson.loads(row[0])]
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-        wanted, found = list(keys), {}
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for key, doc in self.store._query(f"SELECT key, doc FROM {self._docs} WHERE key IN ({marks})", chunk):
-                found[key] = orjson.loads(doc)
-        return found
-
-    def put(
-        self,
-        docs: dict[str, dict[str, Any]],
-        *,
-        tracking: Mapping[str, int],
-        appended: Mapping[str, Sequence[Any]] | None = None,
-    ) -> None:
-        with self.store._write() as c:
-            c.c.executemany(
-                f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
-                [(k, orjson.dumps(v).decode()) for k, v in docs.items()],
-            )
-            if appended:
-                c.c.executemany(
-                    f"INSERT INTO {self._entries} (key, entries) VALUES (?, ?)",
-                    [(k, orjson.dumps(v).decode()) for k, v in appended.items() if v],
-                )
-            c.track(self._tracking, tracking, f"read model {self.name}")
-
-    def scan(self) -> Iterator[dict[str, Any]]:
-        after = ""
-        while rows := self.store._query(
-            f"SELECT key, doc FROM {self._docs} WHERE key > ? ORDER BY key LIMIT 1000", (after,)
-        ):
-            after = rows[-1][0]
-            for row in rows:
-                yield orjson.loads(row[1])
-
-    def tracking(self) -> Tracking:
-        return self.store._tracked(self._tracking)
-
-    def clear(self) -> None:
-        with self.store._write() as c:
-            c.c.execute(f"DELETE FROM {self._docs}")
-            c.c.execute(f"DELETE FROM {self._entries}")
-            c.c.execute(f"DELETE FROM {self._tracking}")
+class _IdTaken(Exception):
+    """An emitted event's id is already in the log (raised inside a transaction, which rolls back)."""
 
 
 def _time(text: str | None) -> datetime:
@@ -527,7 +544,15 @@ def _time(text: str | None) -> datetime:
 
 
 def _envelope(r: Sequence[Any]) -> Envelope:
-    """Build an envelope from a log row; a malformed row still yields one (decode fails later)."""
+    """Build an envelope from a log row; a malformed row still yields one, `malformed` if its time is not
+    an ISO 8601 time (a bad payload or version fails when it is decoded)."""
+    malformed = None
+    try:
+        occurred = datetime.fromisoformat(r[9])
+        if occurred.tzinfo is None:
+            occurred = occurred.replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError) as e:
+        occurred, malformed = _EPOCH, f"log position {r[0]}: occurred_at {r[9]!r} is not an ISO 8601 time ({e})"
     return Envelope(
         position=r[0],
         event_id=str(r[1]),
@@ -538,6 +563,7 @@ def _envelope(r: Sequence[Any]) -> Envelope:
         service=str(r[6]),
         step=r[7],
         outcome=r[8],
-        occurred_at=_time(r[9]),
+        occurred_at=occurred,
         payload=r[10] if isinstance(r[10], str) else repr(r[10]),
+        malformed=malformed,
     )

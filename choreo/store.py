@@ -4,7 +4,10 @@ A store holds the log of integration events and, for each service, its private
 state: aggregate events, its tracking (a position per source of the log), dead
 letters and deadlines. `ServiceStore.commit()` writes a handler's new aggregate
 events, the events it emitted and its tracking in one transaction, which makes
-redelivery a no-op (guarantee 1). Readers get the log through a `Feed`.
+redelivery a no-op (guarantee 1). Readers get the log through a `Feed`. A read
+model (`DocumentStore`) commits its documents and tracking together, optionally as a
+compare-and-set against the tracking its batch started from, so several writers can
+fold one log. `open_store(url, create=False)` opens a store to read only.
 Implementations: `choreo.sqlite`, `choreo.kafka`, `choreo.memory`.
 """
 
@@ -129,7 +132,8 @@ class ServiceStore(ABC):
         exists; `cancelled` cancels a scheduled one (or pre-empts it); `fired` marks a
         scheduled one fired. Raises `ConcurrencyConflict` if an aggregate version was
         already recorded, a tracked position would not move forward, or a deadline was
-        fired already; then nothing is written.
+        fired already; `EventIdTaken` (naming the id) if an emitted event's id is already
+        in the log or twice among `emitted`. Either way nothing is written.
         """
 
     def set_tracking(self, tracking: Mapping[str, int]) -> None:
@@ -165,7 +169,11 @@ class ServiceStore(ABC):
 
 
 class DocumentStore(ABC):
-    """A read model's JSON documents by key, with its tracking, committed together."""
+    """A read model's JSON documents by key, with its tracking and metadata, committed together.
+
+    A read model that was never written reads as empty (no document, no entry, no
+    tracking, no metadata); a store creates its tables on the first write.
+    """
 
     @abstractmethod
     def get(self, key: str) -> dict[str, Any] | None:
@@ -182,9 +190,18 @@ class DocumentStore(ABC):
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
+        expected: Mapping[str, int] | None = None,
+        expected_meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Store documents, append `appended[key]` to each key's entries, and move the tracking
-        forward, atomically (`ConcurrencyConflict` if it would not move forward)."""
+        forward, atomically.
+
+        Raises `ConcurrencyConflict`, writing nothing, if a position would not move forward;
+        with `expected` (the tracking read before the batch), also if the stored tracking is
+        not exactly `expected`; with `expected_meta`, also if a stored metadata value differs.
+        That compare-and-set is what lets two writers fold the same log: the one that lost
+        discards its batch and reads again.
+        """
 
     @abstractmethod
     def entries(self, key: str) -> list[Any]:
@@ -203,8 +220,12 @@ class DocumentStore(ABC):
         return self.tracking().get(source, 0)
 
     @abstractmethod
-    def clear(self) -> None:
-        """Drop every document, every entry and the tracking."""
+    def meta(self) -> dict[str, Any]:
+        """Return the read model's metadata (JSON values by name), set by `clear()`."""
+
+    @abstractmethod
+    def clear(self, meta: Mapping[str, Any] | None = None) -> None:
+        """Drop every document, every entry, the tracking and the metadata; then store `meta`, atomically."""
 
 
 @dataclass(frozen=True)
@@ -268,10 +289,16 @@ class EventStore(ABC):
     url: str
     #: How long a scan waits for more before it decides it reached the end of the log.
     idle_timeout: float = 0.0
+    #: Whether the store was opened to read only (`open_store(url, create=False)`): it writes nothing.
+    read_only: bool = False
 
     @abstractmethod
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
-        """Append events to the log (used to start sagas); return their positions in their sources."""
+        """Append events to the log (used to start sagas); return their positions in their sources.
+
+        On a log with unique ids, `ConcurrencyConflict` (nothing appended) if an id is taken:
+        starting the same saga twice is a no-op for the caller.
+        """
 
     @abstractmethod
     def feed(
@@ -286,11 +313,14 @@ class EventStore(ABC):
 
     @abstractmethod
     def service(self, name: str) -> ServiceStore:
-        """Return the private store of the service called `name`."""
+        """Return the private store of the service called `name`.
+
+        On a read-only store, `StoreNotFound` if the service has no tables (none are created).
+        """
 
     @abstractmethod
     def documents(self, name: str) -> DocumentStore:
-        """Return the document store of the read model called `name`."""
+        """Return the document store of the read model called `name` (empty if it was never written)."""
 
     def size_hint(self) -> int | None:
         """Return about how many events the log holds, or None if the log cannot tell cheaply."""
@@ -396,12 +426,17 @@ class _LogFeed(Feed):
 DEFAULT_URL = "sqlite:///choreo.db"
 
 
-def open_store(url: str | None = None, **options: Any) -> EventStore:
+def open_store(url: str | None = None, *, create: bool = True, **options: Any) -> EventStore:
     """Open the event store named by `url` (default: `$CHOREO_STORE` or `sqlite:///choreo.db`).
 
     Understood: `memory://`; `sqlite:///relative.db` and `sqlite:////absolute.db`, with
     optional query settings `durability=full|normal` and `lock_timeout=SECONDS`; and
     `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.kafka.KafkaSettings`.
+
+    With `create=False` the store is opened to read only and nothing is created or
+    written: on SQLite a missing file raises `StoreNotFound` naming it, and so does
+    `service(name)` of a service without tables. A memory store is new either way, and
+    on Kafka `create` is ignored.
     """
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
     parts = urlsplit(url)
@@ -422,7 +457,7 @@ def open_store(url: str | None = None, **options: Any) -> EventStore:
             except ValueError:
                 raise StoreURLError(f"lock_timeout must be a number of seconds in {url!r}") from None
         path = url[len("sqlite:///") :].split("?", 1)[0]
-        return SQLiteStore(path, **{**settings, **options})
+        return SQLiteStore(path, **{**settings, **options, "create": create})
     if parts.scheme == "kafka":
         from choreo.kafka import open_kafka
 

@@ -12,6 +12,7 @@ import pytest
 from eventsourcing.persistence import StoredEvent
 
 from choreo import ConcurrencyConflict, Envelope, EventStore
+from choreo.errors import EventIdTaken
 from choreo.store import DeadLetter, LogStore, advance
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -140,6 +141,44 @@ class EventStoreContract:
         docs.clear()
         assert docs.entries("a") == []
 
+    def test_a_read_model_batch_commits_only_on_the_tracking_it_started_from(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        docs.put({"a": {"n": 1}}, tracking={"log": 2}, appended={"a": [1, 2]}, expected={})
+        # another writer's batch began before that commit: it overlaps, moves forward, and is refused
+        with pytest.raises(ConcurrencyConflict):
+            docs.put({"a": {"n": 9}}, tracking={"log": 5}, appended={"a": [1, 2, 3, 4, 5]}, expected={})
+        with pytest.raises(ConcurrencyConflict):
+            docs.put({"b": {"n": 9}}, tracking={"log": 5}, expected={"log": 1})
+        assert docs.get("a") == {"n": 1} and docs.get("b") is None
+        assert docs.entries("a") == [1, 2] and docs.tracking() == {"log": 2}
+        docs.put({"a": {"n": 2}}, tracking={"log": 5}, appended={"a": [3, 4, 5]}, expected={"log": 2})
+        assert docs.entries("a") == [1, 2, 3, 4, 5] and docs.tracking() == {"log": 5}
+
+    def test_a_read_model_batch_commits_only_on_the_metadata_it_was_folded_under(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        docs.put({"a": {"n": 1}}, tracking={"log": 1})
+        docs.clear(meta={"catalog": "x", "fold": 2})
+        assert docs.meta() == {"catalog": "x", "fold": 2}
+        assert docs.get("a") is None and docs.tracking() == {} and docs.entries("a") == []
+        with pytest.raises(ConcurrencyConflict):
+            docs.put({"a": {"n": 2}}, tracking={"log": 1}, expected={}, expected_meta={"catalog": "y"})
+        assert docs.get("a") is None and docs.tracking() == {}
+        docs.put({"a": {"n": 3}}, tracking={"log": 1}, expected={}, expected_meta={"catalog": "x"})
+        assert docs.get("a") == {"n": 3} and docs.meta() == {"catalog": "x", "fold": 2}
+        docs.clear()
+        assert docs.meta() == {}
+
+    def test_a_read_model_never_written_reads_as_empty(self, store: EventStore) -> None:
+        docs = store.documents("never")
+        assert docs.get("a") is None and docs.get_many(["a"]) == {} and docs.entries("a") == []
+        assert list(docs.scan()) == [] and docs.tracking() == {} and docs.meta() == {}
+
+    def test_scan_yields_every_document_whatever_its_key(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        keys = ["", " ", "a", "b" * 300, "\u00e9t\u00e9"] + [f"k{i:04}" for i in range(1100)]
+        docs.put({k: {"k": k} for k in keys}, tracking={"log": 1})
+        assert sorted(d["k"] for d in docs.scan()) == sorted(keys)
+
     def test_dead_letters_round_trip(self, store: EventStore) -> None:
         svc = store.service("alpha")
         d = DeadLetter(
@@ -175,6 +214,22 @@ class LogStoreContract(EventStoreContract):
         with pytest.raises(ConcurrencyConflict):
             store.append([envelope(), e])
         assert len(store.read(0)) == 1
+
+    def test_an_emitted_id_in_the_log_is_taken_not_a_conflict(self, store: LogStore) -> None:  # type: ignore[override]
+        svc = store.service("alpha")
+        first = envelope()
+        store.append([first])
+        agg = uuid4()
+        with pytest.raises(EventIdTaken, match=first.event_id):
+            svc.commit(events=[stored(agg, 1)], emitted=[envelope(), replace(first, saga_id="other")],
+                       tracking={"log": 1})
+        twice = envelope()
+        with pytest.raises(EventIdTaken, match=twice.event_id):
+            svc.commit(events=[], emitted=[twice, twice], tracking={"log": 1})
+        assert [e.event_id for e in store.read(0)] == [first.event_id]  # nothing of either batch was written
+        assert svc.tracking() == {} and svc.load(agg) == []
+        with pytest.raises(ConcurrencyConflict):  # a second start of the same saga stays a conflict
+            store.append([first])
 
     def test_read_leaves_out_what_the_reader_does_not_want(self, store: LogStore) -> None:  # type: ignore[override]
         from choreo.store import Interest

@@ -40,3 +40,11 @@ def test_bad_store_urls_say_what_is_wrong(url: str, match: str, tmp_path: Path, 
     with pytest.raises(StoreURLError, match=match):
         open_store(url)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_is_accepted_for_every_scheme_and_means_nothing_to_kafka() -> None:
+    from choreo.errors import StoreError
+
+    assert open_store("memory://", create=False).read_only is False  # a new memory store either way
+    with pytest.raises(StoreError, match="not reachable"):  # not "unknown Kafka setting 'create'"
+        open_store("kafka://127.0.0.1:9?request_timeout_ms=500", create=False)

@@ -1,0 +1,147 @@
+"""A read model's documents in the SQLite store (see `choreo.sqlite`, which opens it).
+
+Tables, created by the read model's first write (until then it reads as empty):
+
+- `rm_<name>_documents`: one JSON document per key;
+- `rm_<name>_entries`: JSON lists appended under a key (a saga's timeline), in order;
+- `rm_<name>_tracking`: how far the read model has processed each source of the log;
+- `rm_<name>_meta`: named JSON values that describe the whole read model (set by `clear()`).
+
+`put()` writes documents, entries and tracking in one transaction and, given the
+tracking its batch started from, commits only if that is still what is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from choreo.errors import ConcurrencyConflict
+from choreo.store import DocumentStore, Tracking
+
+if TYPE_CHECKING:
+    from choreo.sqlite import SQLiteStore, _Cursor
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rm_{name}_entries (id INTEGER PRIMARY KEY, key TEXT NOT NULL, entries TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS rm_{name}_entries_by_key ON rm_{name}_entries (key, id);
+CREATE TABLE IF NOT EXISTS rm_{name}_tracking (source TEXT PRIMARY KEY, position INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rm_{name}_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+
+class SQLiteDocumentStore(DocumentStore):
+    """A read model's tables; created by its first write, read as empty until then."""
+
+    def __init__(self, store: SQLiteStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._docs = f"rm_{name}_documents"
+        self._entries = f"rm_{name}_entries"
+        self._tracking = f"rm_{name}_tracking"
+        self._meta = f"rm_{name}_meta"
+        self._existing: set[str] = set()
+
+    def _has(self, table: str) -> bool:
+        """Whether `table` exists (once it does, it always will: tables are never dropped)."""
+        if table not in self._existing:
+            self._existing |= self.store.tables([self._docs, self._entries, self._tracking, self._meta])
+        return table in self._existing
+
+    @contextmanager
+    def _write(self) -> Iterator[_Cursor]:
+        with self.store._write() as c:
+            if len(self._existing) < 4:
+                c.executescript_safe(_SCHEMA.format(name=self.name))
+            yield c
+        self._existing = {self._docs, self._entries, self._tracking, self._meta}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if not self._has(self._docs):
+            return None
+        rows = self.store._query(f"SELECT doc FROM {self._docs} WHERE key = ?", (key,))
+        return orjson.loads(rows[0][0]) if rows else None
+
+    def entries(self, key: str) -> list[Any]:
+        if not self._has(self._entries):
+            return []
+        rows = self.store._query(f"SELECT entries FROM {self._entries} WHERE key = ? ORDER BY id", (key,))
+        return [entry for row in rows for entry in orjson.loads(row[0])]
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted, found = list(keys), {}
+        if not self._has(self._docs):
+            return {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, doc in self.store._query(f"SELECT key, doc FROM {self._docs} WHERE key IN ({marks})", chunk):
+                found[key] = orjson.loads(doc)
+        return found
+
+    def put(
+        self,
+        docs: dict[str, dict[str, Any]],
+        *,
+        tracking: Mapping[str, int],
+        appended: Mapping[str, Sequence[Any]] | None = None,
+        expected: Mapping[str, int] | None = None,
+        expected_meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        owner = f"read model {self.name}"
+        with self._write() as c:
+            if expected is not None:
+                have = dict(c.c.execute(f"SELECT source, position FROM {self._tracking}").fetchall())
+                if have != dict(expected):
+                    raise ConcurrencyConflict(f"{owner}: another writer moved it to {have} (this batch began at "
+                                              f"{dict(expected)})")
+            if expected_meta:
+                meta = self._read_meta(c.c.execute(f"SELECT name, value FROM {self._meta}").fetchall())
+                changed = sorted(k for k, v in expected_meta.items() if meta.get(k) != v)
+                if changed:
+                    raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
+            c.c.executemany(
+                f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
+                [(k, orjson.dumps(v).decode()) for k, v in docs.items()],
+            )
+            if appended:
+                c.c.executemany(
+                    f"INSERT INTO {self._entries} (key, entries) VALUES (?, ?)",
+                    [(k, orjson.dumps(v).decode()) for k, v in appended.items() if v],
+                )
+            c.track(self._tracking, tracking, owner)
+
+    def scan(self) -> Iterator[dict[str, Any]]:
+        if not self._has(self._docs):
+            return
+        # page by key; the first page starts at "" inclusive, which every key sorts at or after
+        rows = self.store._query(f"SELECT key, doc FROM {self._docs} WHERE key >= '' ORDER BY key LIMIT 1000")
+        while rows:
+            for row in rows:
+                yield orjson.loads(row[1])
+            rows = self.store._query(
+                f"SELECT key, doc FROM {self._docs} WHERE key > ? ORDER BY key LIMIT 1000", (rows[-1][0],)
+            )
+
+    def tracking(self) -> Tracking:
+        return self.store._tracked(self._tracking) if self._has(self._tracking) else {}
+
+    def meta(self) -> dict[str, Any]:
+        if not self._has(self._meta):
+            return {}
+        return self._read_meta(self.store._query(f"SELECT name, value FROM {self._meta}"))
+
+    @staticmethod
+    def _read_meta(rows: Iterable[Sequence[Any]]) -> dict[str, Any]:
+        return {name: orjson.loads(value) for name, value in rows}
+
+    def clear(self, meta: Mapping[str, Any] | None = None) -> None:
+        with self._write() as c:
+            for table in (self._docs, self._entries, self._tracking, self._meta):
+                c.c.execute(f"DELETE FROM {table}")
+            c.c.executemany(f"INSERT INTO {self._meta} VALUES (?, ?)",
+                            [(k, orjson.dumps(v).decode()) for k, v in (meta or {}).items()])
