@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -14,9 +15,12 @@ from choreo._cli_common import (
     UsageError, add_command, add_store_option, add_system_option, open_existing, seconds, system_of,
 )
 from choreo._render import render_mermaid, render_saga
-from choreo.projection import STATES, SagaFilter, SagaProjection
+from choreo.errors import ConcurrencyConflict
+from choreo.projection import NO_SAGA_COUNT, STATES, SagaFilter, SagaProjection
 from choreo.saga import SagaDefinition
 from choreo.store import EventStore, open_store
+
+log = logging.getLogger("choreo")
 
 _WHY = "whose saga definitions name the steps"
 
@@ -70,7 +74,10 @@ def _definitions(args: argparse.Namespace) -> tuple[SagaDefinition, ...]:
 def _projection(args: argparse.Namespace, store: EventStore) -> SagaProjection:
     stuck = timedelta(seconds=args.stuck_after)
     if args.no_update:
-        return SagaProjection(store, sagas=_definitions(args), stuck_after=stuck, read_only=True)
+        projection = SagaProjection(store, sagas=_definitions(args), stuck_after=stuck, read_only=True)
+        if why := projection.outdated():
+            print(f"choreo: warning: {why}; showing it as stored (--no-update)", file=sys.stderr)
+        return projection
     projection = SagaProjection(store, sagas=_definitions(args), stuck_after=stuck)
     projection.update()
     return projection
@@ -137,7 +144,8 @@ def _replay(args: argparse.Namespace) -> int:
         count = projection.replay(progress if bar else None)
         if bar:
             sys.stderr.write("\n")
-        print(f"replayed {count} events into {sum(projection.counts().values())} sagas")
+        sagas = sum(n for state, n in projection.counts().items() if state != NO_SAGA_COUNT)
+        print(f"replayed {count} events into {sagas} sagas")
         projection.close()
     return 0
 
@@ -151,7 +159,12 @@ def _project(args: argparse.Namespace) -> int:
     projection = SagaProjection(store, sagas=definitions)
     try:
         while not stop.is_set():
-            if projection.update() == 0:
+            try:
+                idle = projection.update() == 0
+            except ConcurrencyConflict as e:  # another process rebuilt it with other definitions
+                log.warning("projection: %s; trying again", e)
+                idle = True
+            if idle:
                 stop.wait(0.05)
     finally:
         projection.close()

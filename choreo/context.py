@@ -64,7 +64,7 @@ class Context:
             raise AggregateExists(f"{self.service}: a {cls.__name__} with key {key!r} already exists")
         agg = create_with_id(cls, agg_id, **kwargs)
         self._uow.add(agg)
-        return agg  # type: ignore[return-value]
+        return agg
 
     def emit(self, event: Event) -> None:
         """Emit an extra event (not a step outcome) with this event's saga and causation."""
