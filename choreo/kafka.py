@@ -2,22 +2,26 @@
 
 - Integration events live in one topic (default `choreo.events`), keyed by saga id,
   so one saga's events stay in order in one partition. The message value is the
-  envelope as UTF-8 JSON (see `encode_record`); headers repeat the metadata.
+  envelope as UTF-8 JSON; headers repeat the metadata (`choreo._kafka_records`).
 - Each service is a consumer group; its replicas split the partitions. A service
   keeps its own SQLite file (`STATE/svc-NAME.db`) with its aggregates, its tracking
   per `topic:partition` (position = offset + 1), the ids it handled, its dead letters,
   and an outbox of emitted events, all written in the handler's one transaction.
-- The outbox is published by `_KafkaServiceStore.flush()` (after each commit and
-  before each poll), which marks what the broker acknowledged. A crash between send
-  and mark sends again; consumers skip the copy by its event id.
+- The outbox is published by the relay (`choreo._kafka_relay`) through `deliver()`,
+  which reports, record by record, what the broker acknowledged, what it refuses for
+  good (too large, invalid) and what failed for now. A producer the broker no longer
+  knows (it restarted empty) is replaced.
 - The service's tracking is the truth for offsets: on (re)assignment each partition
   is sought to the tracked position. Offsets are not committed to Kafka.
+- A partition that ends before a reader's position (the broker lost its data) raises
+  `LogRewound`: the feed compares its position with the high watermark of each fetch
+  response, confirmed by a ListOffsets request. (tansu answers ListOffsets with the
+  base offset of the last batch + 1, below the true end, so that alone is not enough.)
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import socket
@@ -25,35 +29,47 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
-from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
-
-from choreo.deadlines import Deadline
-from choreo.errors import StoreError, StoreURLError
+from choreo._kafka_records import WIRE_FIELDS, decode_record, encode_record, record_size
+from choreo._kafka_relay import _KafkaServiceStore
+from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreURLError
 from choreo.events import Envelope
 from choreo.sqlite import SQLiteStore
-from choreo.store import (
-    DeadLetter, DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name,
-)
+from choreo.store import DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name
 
 try:
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.consumer.subscription_state import ConsumerRebalanceListener
-    from kafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+    from kafka.errors import (
+        CorruptRecordError, InvalidProducerEpochError, InvalidProducerIdMappingError, InvalidRecordError,
+        InvalidTimestampError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError,
+        OutOfOrderSequenceNumberError, RecordListTooLargeError, TopicAlreadyExistsError, UnknownProducerIdError,
+    )
 except ModuleNotFoundError:  # pragma: no cover - exercised only without the extra
     raise StoreURLError("kafka:// needs kafka-python: pip install 'choreo[kafka]'") from None
+
+__all__ = ["Delivery", "KafkaSettings", "KafkaStore", "decode_record", "encode_record", "open_kafka", "record_size"]
 
 log = logging.getLogger("choreo.kafka")
 
 #: kafka-python checks record CRCs with the crc32c package when it is installed
 _FAST_CRC = importlib.util.find_spec("crc32c") is not None
 
-_WIRE_FIELDS = ("event_id", "type", "version", "saga_id", "causation_id", "service", "step", "outcome", "occurred_at")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: kafka-python's default `max_request_size`: the producer refuses a larger record
+_MAX_REQUEST_SIZE = 1_048_576
+#: room left in a request for the record batch header (61 bytes) and the produce request around it
+_BATCH_OVERHEAD = 512
+#: errors that are about one record and will not pass by sending it again
+_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError,
+            InvalidTimestampError)
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+#: errors after which a producer is of no more use (the broker forgot its producer id, e.g. it restarted empty)
+_BROKEN_PRODUCER = (UnknownProducerIdError, OutOfOrderSequenceNumberError, InvalidProducerEpochError,
+                    InvalidProducerIdMappingError)
+#: how many times one delivery replaces a broken producer before it gives up (the caller retries later)
+_PRODUCER_RENEWALS = 2
 
 
 @dataclass
@@ -71,6 +87,7 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 2000
     fetch_max_wait_ms: int = 15
     request_timeout_ms: int = 10000
+    max_event_bytes: int = 0  # default: the producer's max_request_size minus _BATCH_OVERHEAD
     producer: dict[str, Any] = field(default_factory=dict)
     consumer: dict[str, Any] = field(default_factory=dict)
 
@@ -93,50 +110,16 @@ class KafkaSettings:
         return cls(servers=parts.netloc, **values)
 
 
-def encode_record(env: Envelope) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    """Return the Kafka key, value and headers of an envelope.
+@dataclass
+class Delivery:
+    """What became of envelopes sent in order: acknowledged, refused for good, or not (yet) taken."""
 
-    The value is a UTF-8 JSON object with the envelope's fields (`occurred_at` as ISO 8601)
-    and `payload`, the event itself as a JSON object. The key is the saga id.
-    """
-    record: dict[str, Any] = {name: getattr(env, name) for name in _WIRE_FIELDS}
-    record["occurred_at"] = env.occurred_at.isoformat()
-    record["payload"] = json.loads(env.payload)
-    # Few headers: consumers parse each one of every record; the type and outcome let them skip
-    # the records they do not want without decoding the value.
-    headers = [("choreo-type", env.type.encode()), ("choreo-event-id", env.event_id.encode())]
-    if env.outcome:
-        headers.append(("choreo-outcome", env.outcome.encode()))
-    return env.saga_id.encode(), json.dumps(record, ensure_ascii=False).encode(), headers
-
-
-def decode_record(key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int) -> Envelope:
-    """Return the envelope in a Kafka record; a record that is not one comes back `malformed`."""
-    source, position = f"{topic}:{partition}", offset + 1
-    try:
-        d = json.loads(value or b"")
-        if not isinstance(d, dict):
-            raise ValueError(f"the value is JSON {type(d).__name__}, not an object")
-        missing = [name for name in ("event_id", "type", "version", "occurred_at", "payload") if name not in d]
-        if missing:
-            raise ValueError(f"missing field(s) {', '.join(missing)}")
-        occurred = datetime.fromisoformat(d["occurred_at"])
-        return Envelope(
-            event_id=str(d["event_id"]), type=str(d["type"]), version=int(d["version"]),
-            saga_id=str(d.get("saga_id") or ""), causation_id=d.get("causation_id"),
-            service=str(d.get("service") or ""), step=d.get("step"), outcome=d.get("outcome"),
-            occurred_at=occurred if occurred.tzinfo else occurred.replace(tzinfo=timezone.utc),
-            payload=json.dumps(d["payload"], ensure_ascii=False, separators=(",", ":")),
-            position=position, source=source,
-        )
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        return Envelope(
-            event_id=f"{source}:{offset}", type="", version=0,
-            saga_id=key.decode("utf-8", "replace") if key else "", causation_id=None, service="",
-            step=None, outcome=None, occurred_at=_EPOCH, payload=repr(value)[:10_000],
-            position=position, source=source,
-            malformed=f"{source} offset {offset} is not a choreo envelope: {e}",
-        )
+    #: for each envelope, its position (offset + 1) if the broker acknowledged it, else None
+    positions: list[int | None]
+    #: the envelopes (by index) that the producer or broker refuses for good, with the error
+    refused: dict[int, Exception] = field(default_factory=dict)
+    #: why the others were not taken (it may pass: the broker is away, a timeout); None if none is left
+    error: str | None = None
 
 
 class KafkaStore(EventStore):
@@ -146,6 +129,13 @@ class KafkaStore(EventStore):
 
     def __init__(self, settings: KafkaSettings) -> None:
         settings.state = settings.state or os.environ.get("CHOREO_STATE") or os.path.join("choreo-state", settings.topic)
+        request_max = int(settings.producer.get("max_request_size", _MAX_REQUEST_SIZE))
+        if settings.max_event_bytes <= 0:
+            settings.max_event_bytes = request_max - _BATCH_OVERHEAD
+        elif settings.max_event_bytes > request_max - _BATCH_OVERHEAD:
+            log.warning("max_event_bytes=%d is more than the producer sends (max_request_size=%d): larger events "
+                        "are refused by the producer and set aside by the relay", settings.max_event_bytes,
+                        request_max)
         self.settings = settings
         self.url = f"kafka://{settings.servers}?topic={settings.topic}"
         self.topic = settings.topic
@@ -171,15 +161,7 @@ class KafkaStore(EventStore):
             attempt += 1
             try:
                 self._reachable()
-                admin = KafkaAdminClient(**self._common())
-                try:
-                    admin.create_topics(
-                        {self.topic: {"num_partitions": self.settings.partitions, "replication_factor": -1}}
-                    )
-                except TopicAlreadyExistsError:
-                    pass
-                finally:
-                    admin.close()
+                self._create_topic()
                 return
             except KafkaError as e:
                 if time.monotonic() >= deadline:
@@ -189,6 +171,16 @@ class KafkaStore(EventStore):
                     ) from None
                 log.warning("waiting for Kafka at %s (attempt %d): %s", self.settings.servers, attempt, e)
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    def _create_topic(self) -> None:
+        """Create the topic with choreo's partition count, unless it exists."""
+        admin = KafkaAdminClient(**self._common())
+        try:
+            admin.create_topics({self.topic: {"num_partitions": self.settings.partitions, "replication_factor": -1}})
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
 
     def _reachable(self) -> None:
         """Raise `KafkaConnectionError` unless one bootstrap server accepts a TCP connection."""
@@ -211,6 +203,21 @@ class KafkaStore(EventStore):
                 self._producer = KafkaProducer(**config)
             return self._producer
 
+    def _renew_producer(self, broken: KafkaProducer, why: Exception) -> None:
+        """Close a producer the broker no longer knows (it restarted empty, say); the next send makes a new one."""
+        log.warning("Kafka at %s: %s: %s; replacing the producer", self.settings.servers, type(why).__name__, why)
+        with self._guard:
+            if self._producer is broken:
+                self._producer = None
+        try:
+            broken.close(timeout=1)
+        except KafkaError:
+            pass
+        try:  # a broker that lost its data lost the topic too: create it with its partitions again
+            self._create_topic()
+        except KafkaError as e:
+            log.warning("could not create topic %r: %s", self.topic, e)
+
     def consumer(self, group: str | None) -> KafkaConsumer:
         """A consumer with choreo's settings: no auto-commit, earliest offsets, short fetch waits."""
         config = {**self._common(), "group_id": group, "enable_auto_commit": False,
@@ -222,18 +229,85 @@ class KafkaStore(EventStore):
         except KafkaError as e:
             raise StoreError(f"cannot consume from Kafka at {self.settings.servers}: {e}") from None
 
-    def publish(self, envelopes: Sequence[Envelope]) -> list[int]:
-        """Send envelopes and wait until the broker acknowledged each; return their positions."""
-        producer = self.producer()
-        try:
+    # -- sending -------------------------------------------------------------------------
+    def oversized(self, env: Envelope) -> str | None:
+        """Why the topic cannot take `env` (its record is over `max_event_bytes`), or None if it can."""
+        limit = self.settings.max_event_bytes
+        # A cheap bound first, so most events are not encoded twice: encoding turns a character of these
+        # texts into at most 4.5 bytes (4 in UTF-8; a JSON float like 1e15 is written 1000000000000000.0).
+        rough = sum(len(str(getattr(env, name) or "")) for name in WIRE_FIELDS) + len(env.payload)
+        if 8 * rough + 1024 <= limit:
+            return None
+        size = record_size(*encode_record(env))
+        if size <= limit:
+            return None
+        return (f"event {env.type} is {size} bytes as a Kafka record, more than the {limit} bytes the "
+                f"topic takes (setting max_event_bytes)")
+
+    def deliver(self, envelopes: Sequence[Envelope]) -> Delivery:
+        """Send envelopes in order and wait for the broker; report what became of each.
+
+        A send that fails at once stops the sending: what follows it is not sent. A producer
+        the broker no longer knows is replaced, and what it did not deliver sent again.
+        """
+        done = Delivery(positions=[None] * len(envelopes))
+        if not envelopes:
+            return done
+        timeout = self.settings.request_timeout_ms / 1000
+        for renewal in range(_PRODUCER_RENEWALS + 1):
+            todo = [i for i in range(len(envelopes)) if done.positions[i] is None and i not in done.refused]
+            failure: Exception | None = None
             futures = []
-            for env in envelopes:
-                key, value, headers = encode_record(env)
-                futures.append(producer.send(self.topic, key=key, value=value, headers=headers))
-            producer.flush(timeout=self.settings.request_timeout_ms / 1000)
-            return [f.get(timeout=self.settings.request_timeout_ms / 1000).offset + 1 for f in futures]
-        except KafkaError as e:
-            raise StoreError(f"Kafka at {self.settings.servers} did not take the events: {e}") from None
+            try:
+                producer = self.producer()
+            except KafkaError as e:
+                done.error = f"{type(e).__name__}: {e}"
+                return done
+            for i in todo:
+                key, value, headers = encode_record(envelopes[i])
+                try:
+                    futures.append((i, producer.send(self.topic, key=key, value=value, headers=headers)))
+                except _REFUSED as e:  # larger than the producer sends: refused before it left
+                    done.refused[i] = e
+                except KafkaError as e:
+                    failure = e
+                    break  # in order: nothing after a record that did not leave
+            try:
+                producer.flush(timeout=timeout)
+            except KafkaError as e:
+                failure = failure or e
+            for i, future in futures:
+                try:
+                    done.positions[i] = future.get(timeout=0 if failure else timeout).offset + 1
+                except _REFUSED as e:
+                    done.refused[i] = e
+                except KafkaError as e:
+                    failure = failure or e
+            if failure is None:
+                done.error = None
+                return done
+            done.error = f"{type(failure).__name__}: {failure}"
+            if not _broken(failure) or renewal == _PRODUCER_RENEWALS:
+                return done
+            self._renew_producer(producer, failure)
+        return done
+
+    def publish(self, envelopes: Sequence[Envelope]) -> list[int]:
+        """Send envelopes and wait until the broker acknowledged each; return their positions.
+
+        Raises `EventTooLarge` (sending nothing) if one is over `max_event_bytes` or the broker
+        refuses it as too large, and `StoreError` if the broker did not take them all.
+        """
+        for env in envelopes:
+            if why := self.oversized(env):
+                raise EventTooLarge(why)
+        done = self.deliver(envelopes)
+        for i, e in done.refused.items():
+            error = EventTooLarge if isinstance(e, _TOO_LARGE) else StoreError
+            raise error(f"Kafka refused event {envelopes[i].type} {envelopes[i].event_id}: {type(e).__name__}: {e}")
+        if done.error is not None:
+            raise StoreError(f"Kafka at {self.settings.servers} did not take the events: {done.error}")
+        return [p or 0 for p in done.positions]
 
     # -- EventStore ----------------------------------------------------------------------
     def append(self, envelopes: Sequence[Envelope]) -> list[int]:
@@ -243,7 +317,7 @@ class KafkaStore(EventStore):
         self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True, interest: Interest | None = None
     ) -> Feed:
         """Kafka cannot filter on the broker; with `interest`, records are left out by their headers."""
-        return _KafkaFeed(self, self.settings.group_prefix + reader if group else None, tracking, interest)
+        return _KafkaFeed(self, reader, self.settings.group_prefix + reader if group else None, tracking, interest)
 
     def local(self, file: str, durability: str | None = None) -> SQLiteStore:
         """The SQLite store in `STATE/file` (opened once per durability)."""
@@ -263,64 +337,66 @@ class KafkaStore(EventStore):
         check_service_name(name)
         return self.local("readmodels.db").documents(name)
 
+    # -- after the broker lost data ------------------------------------------------------
+    def partition_ends(self) -> dict[int, int]:
+        """The end (offset of the next record) of each partition of the topic, as the broker has it now.
+
+        Read from fetch responses' high watermarks, which are exact on tansu too.
+        """
+        consumer = self.consumer(None)
+        try:
+            partitions = [TopicPartition(self.topic, p) for p in sorted(consumer.partitions_for_topic(self.topic) or ())]
+            if not partitions:
+                raise StoreError(f"Kafka topic {self.topic!r} has no partitions at {self.settings.servers}")
+            consumer.assign(partitions)
+            listed = consumer.end_offsets(partitions, timeout_ms=self.settings.request_timeout_ms)
+            for tp, end in listed.items():  # at most the end (tansu answers less): fetch little
+                consumer.seek(tp, max(0, end - 1))
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+            while any(consumer.highwater(tp) is None for tp in partitions):
+                if time.monotonic() > deadline:
+                    raise StoreError(f"Kafka at {self.settings.servers} did not tell where topic {self.topic!r} ends")
+                consumer.poll(timeout_ms=100, max_records=1)
+            return {tp.partition: int(consumer.highwater(tp)) for tp in partitions}
+        except KafkaError as e:
+            raise StoreError(f"reading the ends of Kafka topic {self.topic!r} failed: {e}") from None
+        finally:
+            consumer.close()
+
+    def reset_positions(self, service: str) -> dict[str, int]:
+        """Move a service's position in each partition that ends before it back to the partition's start.
+
+        For after the broker lost data (see `LogRewound`): the service then handles every
+        record the partition holds now, and skips by id the copies of events it handled
+        before. Returns the positions changed, by `topic:partition` (all 0).
+        """
+        own = _KafkaServiceStore(self, check_service_name(service))
+        tracked = own.tracking()
+        changed = {
+            source: 0 for p, end in self.partition_ends().items()
+            if tracked.get(source := f"{self.topic}:{p}", 0) > end
+        }
+        if changed:
+            own.inner.set_tracking(changed)
+            log.warning("%s: positions reset to the start of %s", service, ", ".join(sorted(changed)))
+        return changed
+
     def close(self) -> None:
         with self._guard:
             producer, self._producer = self._producer, None
             stores, self._local = list(self._local.values()), {}
         if producer is not None:
-            producer.close(timeout=5)
+            try:
+                producer.close(timeout=5)
+            except KafkaError as e:
+                log.warning("closing the Kafka producer: %s", e)
         for s in stores:
             s.close()
 
 
-class _KafkaServiceStore(ServiceStore):
-    """A service's own SQLite store; its log table is the outbox, published by `flush()`."""
-
-    def __init__(self, kafka: KafkaStore, name: str) -> None:
-        self.kafka = kafka
-        self.name = name
-        self.local = kafka.local(f"svc-{name}.db")
-        self.inner = self.local.service(name)
-        # what Kafka acknowledged: written without fsync (losing a mark only means sending again)
-        self.relay = kafka.local(f"svc-{name}.db", durability="normal").documents("outbox_relay")
-        self._unsent = True  # unknown until the first flush looks
-
-    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
-        return self.inner.load(aggregate_id)
-
-    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
-        return self.inner.load_many(aggregate_ids)
-
-    def tracking(self) -> Tracking:
-        return self.inner.tracking()
-
-    def seen(self, event_ids: Sequence[str]) -> set[str]:
-        return self.inner.seen(event_ids)
-
-    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
-        return self.inner.dead_letters(status)
-
-    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
-        return self.inner.due_deadlines(now, limit)
-
-    def commit(self, **changes: Any) -> None:
-        self.inner.commit(**changes)
-        if changes.get("emitted"):
-            self._unsent = True
-            self.flush()
-
-    def flush(self) -> None:
-        """Publish the outbox to Kafka, then mark what the broker acknowledged."""
-        if not self._unsent:
-            return
-        while pending := self.local.read(self.relay.position(), 1000):
-            self.kafka.publish(pending)
-            self.relay.put({}, tracking={"log": pending[-1].position or 0})
-        self._unsent = False
-
-    def pending(self) -> int:
-        """How many emitted events are not yet acknowledged by Kafka."""
-        return self.local.last_position() - self.relay.position()
+def _broken(error: Exception) -> bool:
+    """Whether a producer that failed with `error` should be replaced (the broker forgot its id)."""
+    return isinstance(error, _BROKEN_PRODUCER) or "InitProducerId" in str(error)
 
 
 class _Assigned(ConsumerRebalanceListener):
@@ -330,20 +406,33 @@ class _Assigned(ConsumerRebalanceListener):
         self.feed = feed
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        pass
+        self.feed.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.feed.seek(assigned)
+        # kafka-python logs what a listener raises and raises a vaguer KafkaError from poll();
+        # the feed keeps the error and raises it itself from its next poll.
+        try:
+            self.feed.seek(assigned)
+        except Exception as e:
+            self.feed.failed_seek(assigned, e)
 
 
 class _KafkaFeed(Feed):
+    """A reader of the topic: every partition (no group), or its group's share of them."""
+
     def __init__(
-        self, kafka: KafkaStore, group: str | None, tracking: Callable[[], Tracking], interest: Interest | None
+        self, kafka: KafkaStore, reader: str, group: str | None, tracking: Callable[[], Tracking],
+        interest: Interest | None,
     ) -> None:
         self.kafka = kafka
+        self.reader = reader
+        self.group = group
         self.interest = interest
         self.topic = kafka.topic
         self._tracking = tracking
+        self._next: dict[Any, int] = {}  # by partition: the offset of the next record this reader expects
+        self._unsought: set[Any] = set()  # assigned partitions the listener could not seek
+        self._failure: Exception | None = None  # why, to raise from the next poll
         self.consumer = kafka.consumer(group)
         if group is not None:
             self.consumer.subscribe([self.topic], listener=_Assigned(self))
@@ -354,25 +443,92 @@ class _KafkaFeed(Feed):
             self.consumer.assign([TopicPartition(self.topic, p) for p in sorted(partitions)])
             self.rewind()
 
-    def seek(self, partitions: Any) -> None:
+    def seek(self, partitions: Iterable[Any]) -> None:
+        """Continue each partition after the reader's tracked position in it."""
+        partitions = list(partitions)
         tracked = self._tracking()
         for tp in partitions:
-            self.consumer.seek(tp, tracked.get(f"{tp.topic}:{tp.partition}", 0))
+            position = tracked.get(f"{tp.topic}:{tp.partition}", 0)
+            self.consumer.seek(tp, position)
+            self._next[tp] = position
+        self._unsought.difference_update(partitions)
+
+    def failed_seek(self, partitions: Iterable[Any], error: Exception) -> None:
+        """Remember partitions the listener could not seek, and why; the next poll seeks or raises."""
+        self._unsought.update(partitions)
+        self._failure = error
+
+    def forget(self, partitions: Iterable[Any]) -> None:
+        """Stop watching partitions the group took away."""
+        for tp in partitions:
+            self._next.pop(tp, None)
+            self._unsought.discard(tp)
 
     def rewind(self) -> None:
         self.seek(self.consumer.assignment())
 
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
+        self._failure = None
+        if self._unsought:
+            self.seek(set(self._unsought) & self.consumer.assignment())
         try:
             got = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=limit)
         except KafkaError as e:
+            if self._failure is not None:
+                raise self._failure from None
             raise StoreError(f"reading Kafka topic {self.topic!r} failed: {e}") from None
+        if self._failure is not None:
+            raise self._failure
+        self._check(got)
         return [
             decode_record(r.key, r.value, r.topic, r.partition, r.offset)
             for tp in sorted(got, key=lambda tp: tp.partition)
             for r in got[tp]
             if self._wanted(r.headers)
         ]
+
+    def caught_up(self) -> bool:
+        """Whether the reader has read each of its partitions up to the end the broker last reported."""
+        assigned = self.consumer.assignment()
+        if not assigned or self._unsought:
+            return False
+        for tp in assigned:
+            end = self.consumer.highwater(tp)
+            if end is None or self._next.get(tp, 0) < end:
+                return False
+        return True
+
+    def _check(self, got: dict[Any, list[Any]]) -> None:
+        """Raise `LogRewound` if a partition now ends before this reader's position in it."""
+        for tp, records in got.items():
+            if records:
+                expected = self._next.get(tp, 0)
+                if records[0].offset < expected:  # the consumer went back: it found its offset out of range
+                    raise self._rewound(tp, expected, self.consumer.highwater(tp) or 0)
+                self._next[tp] = records[-1].offset + 1
+        assigned = self.consumer.assignment()
+        for tp, expected in self._next.items():
+            if expected and tp in assigned:
+                end = self.consumer.highwater(tp)
+                if end is not None and end < expected:
+                    # a new leader's high watermark may lag for a moment: ask the leader where the log ends
+                    try:
+                        listed = self.consumer.end_offsets([tp], timeout_ms=self.kafka.settings.request_timeout_ms)[tp]
+                    except KafkaError as e:
+                        raise StoreError(f"reading where Kafka topic {self.topic!r} ends failed: {e}") from None
+                    if listed < expected:
+                        raise self._rewound(tp, expected, max(end, listed))
+
+    def _rewound(self, tp: Any, position: int, end: int) -> LogRewound:
+        fix = (f"run `choreo run --reset-positions` for service {self.reader!r} to read the partition again from "
+               "its start (events it handled before are skipped by their ids)"
+               if self.group is not None else
+               "rebuild this read model from what the log holds now (for the saga projection: `choreo replay`)")
+        return LogRewound(
+            f"{self.reader}: Kafka topic {tp.topic!r} partition {tp.partition} ends at offset {end}, before the "
+            f"saved position {position}: the broker lost data (a fresh broker, or the topic recreated). Restore "
+            f"the broker's data, or {fix}"
+        )
 
     def _wanted(self, headers: Sequence[tuple[str, bytes]]) -> bool:
         """Whether to decode a record: by its `choreo-type` and `choreo-outcome` headers, if any."""

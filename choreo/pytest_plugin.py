@@ -3,11 +3,15 @@
 Enable them in a `conftest.py` with `pytest_plugins = ["choreo.pytest_plugin"]`:
 
 - `kafka_broker` (session): a tansu broker on a free loopback port, stopped by PID at the end;
-- `kafka_url` (per test): a `kafka://` store URL with its own topic, groups and state folder.
+- `kafka_url` (per test): a `kafka://` store URL with its own topic, groups and state folder;
+- `own_kafka_broker` (per test): a tansu broker for one test alone, for tests that stop it or
+  `restart()` it empty.
 """
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -32,3 +36,19 @@ def kafka_url(kafka_broker: TansuBroker, tmp_path: Path) -> str:
         f"kafka://{kafka_broker.bootstrap}?topic=t-{name}&group_prefix=g-{name}.&state={tmp_path}/state"
         "&session_timeout_ms=3000&heartbeat_interval_ms=1000"
     )
+
+
+@pytest.fixture
+def own_kafka_broker() -> Iterator[TansuBroker]:
+    """A tansu broker for this test alone: stop it, or `restart()` it empty, without disturbing others.
+
+    While it is down, clients keep trying to connect, and kafka-python (3.0.12) leaves the
+    socket of each refused attempt to the garbage collector. The `ResourceWarning`s about
+    those sockets are ignored in this test, and collected before it ends.
+    """
+    warnings.filterwarnings(  # undone by pytest after the test
+        "ignore", message=r"Exception ignored in: <socket\.socket", category=pytest.PytestUnraisableExceptionWarning
+    )
+    with TansuBroker() as broker:
+        yield broker
+    gc.collect()

