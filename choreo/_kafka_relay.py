@@ -80,6 +80,9 @@ class _KafkaServiceStore(ServiceStore):
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         return self.inner.dead_letters(status)
 
+    def due_retries(self, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        return self.inner.due_retries(now, limit)
+
     def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
         return self.inner.due_deadlines(now, limit)
 

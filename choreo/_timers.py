@@ -10,9 +10,9 @@ is one transaction: the expiry event and the `fired` mark.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from choreo import clock
 from choreo._parking import as_events
@@ -46,11 +46,17 @@ class Timers:
     def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation:
         raise NotImplementedError
 
-    def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
+    async def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
         raise NotImplementedError
 
-    def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
-                updated: Sequence[DeadLetter] = ()) -> None:
+    async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
+                      updated: Sequence[DeadLetter] = ()) -> None:
+        raise NotImplementedError
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
@@ -81,7 +87,7 @@ class Timers:
             saga_id=cause.saga_id, due_at=clock.now(), status=CANCELLED, cause_event_id=cause.event_id,
         )
 
-    def _fire_due_deadlines(self) -> None:
+    async def _fire_due_deadlines(self) -> None:
         """Fire every due deadline, each in its own transaction with its `fired` mark.
 
         Only once the feed has read the log to its end; a deadline of a saga this service
@@ -89,7 +95,7 @@ class Timers:
         """
         if not self.service.deadlines:
             return
-        due = self.own.due_deadlines(clock.now())
+        due = await self._io(self.own.due_deadlines, clock.now())
         if not due or not self.feed.caught_up():
             return
         for timer in due:
@@ -106,11 +112,11 @@ class Timers:
                 mine = self._participation(uow, timer.saga_id, create=False)
                 if mine is not None and mine.ended is not None:
                     uow.deadlines.append(replace(timer, status=CANCELLED))
-                    self._commit(uow, [])
+                    await self._commit(uow, [])
                     continue
                 start_event = decode_payload(cause.type, cause.version, cause.payload)
                 ctx = Context(uow, cause)
-                outs = as_events(spec.fn, spec.fn(start_event, ctx))
+                outs = as_events(spec.fn, await self._call(spec.fn, start_event, ctx))
                 for i, out in enumerate([*outs, *ctx.extra]):
                     fails = spec.fails_saga and i == 0
                     expired = uow.emit(out, cause, outcome=Outcome.FAILED if fails else None,
@@ -121,11 +127,11 @@ class Timers:
                         part = self._participation(uow, timer.saga_id)
                         if not part.saga_failed:
                             part.failure_seen(expired.event_id)
-                            self._compensate(part, expired, uow)
+                            await self._compensate(part, expired, uow)
                     if mine is not None and mine.saga_type is not None:
                         observe(mine, expired)  # the starter knows at once: the saga can no longer complete
                 uow.deadlines.append(replace(timer, status=FIRED))
-                self._commit(uow, [])
+                await self._commit(uow, [])
             except ConcurrencyConflict:
                 uow.discard()  # another replica fired it
             except Exception:

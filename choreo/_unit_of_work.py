@@ -1,9 +1,21 @@
-"""The changes of one batch: aggregates touched and events emitted, committed together."""
+"""The changes of one batch: aggregates touched and events emitted, committed together.
+
+When a service handles several sagas at once, each event is handled in a `SagaView`
+of the batch's unit of work: the view works on private copies of the aggregates it
+touches and claims each of them for as long as it runs. A view that touches an
+aggregate another view has claimed is abandoned (`Busy`) and run again once that view
+is done, and a view that finished merges its copies and its events into the batch. So
+the batch's effects are those of handling its events one at a time, in some order that
+keeps each saga's log order (conflict-serializable: every claim is held to the end).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from copy import deepcopy
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.persistence import Mapper, StoredEvent
@@ -61,6 +73,8 @@ class UnitOfWork:
         #: dead letters resolved by this batch (a failure went ahead of them), and the sagas they release
         self.resolved: list[DeadLetter] = []
         self.released: set[str] = set()
+        #: sagas held by a failure in this batch (their later events in it wait behind)
+        self.holds: set[str] = set()
         self._emit_counts: dict[str, int] = {}
 
     def get(self, agg_id: UUID) -> Aggregate | None:
@@ -130,3 +144,71 @@ class UnitOfWork:
     def discard(self) -> None:
         """After a failure: forget every aggregate this batch touched."""
         self.cache.evict(self.touched())
+
+
+class Busy(Exception):
+    """An aggregate is claimed by another saga's handler still running; try again when it is done."""
+
+    def __init__(self, done: asyncio.Event) -> None:
+        self.done = done
+        super().__init__("aggregate claimed by another handler")
+
+
+class Claims:
+    """Which view holds each aggregate of the batch (safe to use from handler threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders: dict[UUID, SagaView] = {}
+
+    def take(self, agg_id: UUID, view: SagaView) -> None:
+        with self._lock:
+            holder = self._holders.setdefault(agg_id, view)
+        if holder is not view:
+            raise Busy(holder.done)
+
+    def release(self, view: SagaView) -> None:
+        with self._lock:
+            for agg_id in view.aggregates:
+                if self._holders.get(agg_id) is view:
+                    del self._holders[agg_id]
+        view.done.set()
+
+
+class SagaView(UnitOfWork):
+    """One event's handling inside a batch: private copies of what it touches, merged when it succeeds."""
+
+    def __init__(self, batch: UnitOfWork, claims: Claims) -> None:
+        super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache)
+        self.batch = batch
+        self.claims = claims
+        self.done = asyncio.Event()
+        self.resolved = list(batch.resolved)
+        self.released = set(batch.released)
+        self.holds = batch.holds  # kept by the batch: sagas that failed earlier in it
+
+    def get(self, agg_id: UUID) -> Aggregate | None:
+        if agg_id in self.aggregates:
+            return self.aggregates[agg_id]
+        self.claims.take(agg_id, self)
+        agg = self.batch.get(agg_id)
+        self.aggregates[agg_id] = mine = deepcopy(agg) if agg is not None else None
+        return mine
+
+    def add(self, agg: Aggregate) -> None:
+        self.claims.take(agg.id, self)
+        self.aggregates[agg.id] = agg
+
+    def merge(self) -> None:
+        """Make what this view did part of the batch (it succeeded)."""
+        for agg_id, agg in self.aggregates.items():
+            if agg is not None:
+                self.batch.aggregates[agg_id] = agg
+        self.batch.emitted.extend(self.emitted)
+        self.batch.deadlines.extend(self.deadlines)
+        known = {d.id for d in self.batch.resolved}
+        self.batch.resolved.extend(d for d in self.resolved if d.id not in known)
+        self.batch.released |= self.released
+
+    def discard(self) -> None:
+        """Drop what this view did: its copies were never seen by anyone else."""

@@ -11,20 +11,33 @@ record of each saga, and the service that starts a saga ends it (guarantee 9,
 When anything fails mid-batch (a commit refused by a locked or full store, a
 broken connection), nothing of the batch is kept: the processor says so in one
 log line and resumes from its last committed position on the next poll.
+
+Handlers may be plain or `async def` functions. The processor is written as
+coroutines: a service whose handlers are all plain runs them without an event loop
+(nothing ever suspends), and one with `async def` handlers, `concurrency` above 1 or
+a thread pool runs each batch in a loop, handling up to `concurrency` sagas at once,
+each saga's events one at a time in log order (see `choreo._unit_of_work.SagaView`
+for how shared aggregates stay serializable). The batch stays the unit of commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import datetime
+from typing import Any, TypeVar
 
-from choreo._parking import Parking, Park, as_events, envelope_of
+from choreo import clock
+from choreo._parking import Park, Parking, as_events, call, envelope_of
 from choreo._participation import Participation, completion, participation_id
 from choreo._saga_end import observe, verdict
 from choreo._timers import Timers
-from choreo._unit_of_work import AggregateCache, UnitOfWork
+from choreo._unit_of_work import AggregateCache, Busy, Claims, SagaView, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
 from choreo.errors import ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
@@ -32,10 +45,22 @@ from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
 from choreo.operations import OPERATOR_COMMANDS, DeadLetterResolved
 from choreo.retry import RetryPolicy
 from choreo.saga import SagaFailed
-from choreo.service import Handler, Service
-from choreo.store import DeadLetter, EventStore, Interest, ServiceStore, advance
+from choreo.service import Handler, Service, is_async
+from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
 
 log = logging.getLogger("choreo")
+T = TypeVar("T")
+
+
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (every handler is plain) to its end, without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a handler awaited something, but this processor runs without an event loop: "
+                       "give the service an async def handler, concurrency > 1 or threads, or use apoll()")
 
 
 class Processor(Parking, Timers):
@@ -49,6 +74,8 @@ class Processor(Parking, Timers):
         batch_size: int = 1000,
         cache_size: int = 20_000,
         retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
+        threads: int | None = None,
     ) -> None:
         service.validate()
         self.service = service
@@ -58,14 +85,25 @@ class Processor(Parking, Timers):
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
         self.cache = AggregateCache(cache_size)
-        self.tracking = self.own.tracking()
-        self.held = {d.saga_id for d in self.own.dead_letters()}
+        self.tracking: dict[str, int] = {}
+        self.held: set[str] = set()
+        #: when the earliest scheduled retry is due (None: none is)
+        self.next_retry_at: datetime | None = None
+        self.concurrency = concurrency or service.effective_concurrency()
+        self.threads = service.threads if threads is None else threads
+        #: whether batches run in an event loop (async handlers, several sagas at once, or threads)
+        self.needs_loop = service.has_async_handlers or self.concurrency > 1 or self.threads > 0
+        #: whether store calls run in a worker thread, so that they never block the loop (embedded use)
+        self.offload = False
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"choreo-{service.name}") \
+            if self.threads else None
         self._types = service.subscribed_types
         self._has_steps = bool(service.steps)
         self._starts = dict(service.sagas)  # the sagas this service ends, by start event type
         self._sagas = {d.name: d for d in self._starts.values()}
         self._check_size = type(self.own).oversized is not ServiceStore.oversized
-        self._stale = False
+        self._stale = True  # the first poll reads the committed state
+        self._reload()
         self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
@@ -79,16 +117,23 @@ class Processor(Parking, Timers):
         If anything fails, the error is raised after one log line, and the next poll
         resumes from the last committed position: no event is ever skipped.
         """
+        if self.needs_loop:
+            return asyncio.run(self.apoll(timeout))
+        return drive(self.apoll(timeout))
+
+    async def apoll(self, timeout: float = 0.0) -> int:
+        """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
         if self._stale:
-            self._reload()
+            await self._io(self._reload)
         batch: list[Envelope] = []
         try:
-            self.own.flush()
-            batch = self.feed.poll(self.batch_size, timeout)
+            await self._io(self.own.flush)
+            batch = await self._io(self.feed.poll, self.batch_size, timeout)
             if batch:
-                self._take(batch)
+                await self._take(batch)
+            await self._run_due_retries()
             if len(batch) < self.batch_size:
-                self._fire_due_deadlines()
+                await self._fire_due_deadlines()
         except ConcurrencyConflict as e:
             log.warning("%s: %s; reloading and retrying the batch", self.service.name, e)
             self._stale = True
@@ -98,6 +143,18 @@ class Processor(Parking, Timers):
                         self.service.name, type(e).__name__, e, self.own_tracking_text())
             raise
         return len(batch)
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the store: in a worker thread when offloading, else right here."""
+        if self.offload:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call a handler: a plain one in the thread pool if the service has one, an async one awaited."""
+        if self._pool is not None and not is_async(fn):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await call(fn, *args)
 
     def own_tracking_text(self) -> str:
         """The committed tracking as text for a log line (or why it cannot be read now)."""
@@ -110,33 +167,39 @@ class Processor(Parking, Timers):
         """Forget what the failed batch did and continue after the committed tracking."""
         self.cache.clear()
         self.tracking = self.own.tracking()
-        self.held = {d.saga_id for d in self.own.dead_letters()}
-        self.feed.rewind()
+        letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING]
+        self.held = {d.saga_id for d in letters}
+        self.next_retry_at = min((d.due_at for d in letters if d.status == RETRYING and d.due_at), default=None)
+        if hasattr(self, "feed"):
+            self.feed.rewind()
         self._stale = False
 
-    def _take(self, batch: Sequence[Envelope]) -> None:
-        fresh = self._fresh(batch)
+    async def _take(self, batch: Sequence[Envelope]) -> None:
+        fresh = await self._fresh(batch)
         if not any(self._relevant(e) for e in fresh):
             self.tracking.update(advance(batch))
             return
         if self._has_steps or self._starts:
-            self._prefetch(fresh)
+            await self._prefetch(fresh)
         try:
-            self._process(fresh)
+            if self.concurrency > 1:
+                await self._process_concurrently(fresh)
+            else:
+                await self._process(fresh)
         finally:
             self.cache.prefetched = {}
 
-    def _prefetch(self, batch: Sequence[Envelope]) -> None:
+    async def _prefetch(self, batch: Sequence[Envelope]) -> None:
         """Read the participation records of the batch's sagas that are not cached, in one query."""
         ids = {participation_id(self.service.name, e.saga_id) for e in batch if e.saga_id and self._relevant(e)}
         missing = [i for i in ids if self.cache.get(i) is None]
-        self.cache.prefetched = self.own.load_many(missing) if missing else {}
+        self.cache.prefetched = await self._io(self.own.load_many, missing) if missing else {}
 
-    def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
+    async def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
         """Drop what this service already processed: redelivered positions and repeated event ids."""
         fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
         ids = [e.event_id for e in fresh if self._relevant(e)]
-        skip = self.own.seen(ids) if ids else set()
+        skip = await self._io(self.own.seen, ids) if ids else set()
         out = []
         for env in fresh:
             if self._relevant(env):
@@ -146,16 +209,26 @@ class Processor(Parking, Timers):
             out.append(env)
         return out
 
-    def run_until_idle(self) -> int:
-        """Process until the log has nothing new for this service; return events read."""
+    def run_until_idle(self, *, retry_wait: float = 10.0) -> int:
+        """Process until the log has nothing new for this service; return events read.
+
+        Scheduled retries due within `retry_wait` seconds are waited for (see `wait_for_retries`).
+        """
         total = 0
-        while n := self.poll():
-            total += n
-        return total
+        while True:
+            while n := self.poll():
+                total += n
+            if not wait_for_retries([self], retry_wait):
+                return total
 
     def close(self) -> None:
-        """Leave the log; the service's own store stays open."""
+        """Leave the log and stop the thread pool; the service's own store stays open."""
         self.feed.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _is_command(self, env: Envelope) -> bool:
+        return env.type in OPERATOR_COMMANDS and self._relevant(env)
 
     def _relevant(self, env: Envelope) -> bool:
         if (
@@ -178,17 +251,18 @@ class Processor(Parking, Timers):
         return target if isinstance(target, str) else None
 
     # -- a batch -----------------------------------------------------------------------
-    def _process(self, batch: Sequence[Envelope]) -> None:
+    async def _process(self, batch: Sequence[Envelope]) -> None:
+        """Handle a batch one event at a time (the fast path, for one saga at a time)."""
         start = 0
         while start < len(batch):
             uow = self._new_uow()
             stop, error = None, None
             for i in range(start, len(batch)):
-                if batch[i].type in OPERATOR_COMMANDS and self._relevant(batch[i]):
+                if self._is_command(batch[i]):
                     stop = i
                     break
                 try:
-                    self._handle(batch[i], uow)
+                    await self._handle(batch[i], uow)
                 except Exception as e:
                     stop, error = i, e
                     break
@@ -197,31 +271,82 @@ class Processor(Parking, Timers):
                 uow.discard()
                 uow = self._new_uow()
                 for env in batch[start:end]:
-                    self._handle(env, uow)
+                    await self._handle(env, uow)
             if end > start:
-                self._commit_segment(uow, batch[start:end])
+                await self._commit_segment(uow, batch[start:end])
             if stop is None:
                 return
             if error is not None:
-                self._handle_alone(batch[stop], first_error=error)
+                await self._attempt(batch[stop], first_error=error)
             else:
-                self._operate(batch[stop])
+                await self._operate(batch[stop])
             start = stop + 1
 
-    def _commit_segment(self, uow: UnitOfWork, segment: Sequence[Envelope]) -> None:
+    async def _process_concurrently(self, batch: Sequence[Envelope]) -> None:
+        """Handle a batch's sagas at once (up to `concurrency`), each saga's events in log order."""
+        start = 0
+        while start < len(batch):
+            stop = next((i for i in range(start, len(batch)) if self._is_command(batch[i])), None)
+            end = len(batch) if stop is None else stop
+            if end > start:
+                await self._run_segment(batch[start:end])
+            if stop is None:
+                return
+            await self._operate(batch[stop])
+            start = stop + 1
+
+    async def _run_segment(self, segment: Sequence[Envelope]) -> None:
+        uow, claims = self._new_uow(), Claims()
+        letters: list[DeadLetter] = []
+        chains: dict[str, list[Envelope]] = {}
+        for env in segment:
+            if self._relevant(env):
+                chains.setdefault(env.saga_id, []).append(env)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def run(chain: list[Envelope]) -> None:
+            async with gate:
+                for env in chain:
+                    await self._handle_in_view(env, uow, claims, letters)
+
+        await asyncio.gather(*(run(chain) for chain in chains.values()))
+        await self._commit_segment(uow, segment, parked=letters)
+
+    async def _handle_in_view(self, env: Envelope, uow: UnitOfWork, claims: Claims,
+                              letters: list[DeadLetter]) -> None:
+        """Handle one event in its own view of the batch; a failure becomes a letter of the batch."""
+        while True:
+            view = SagaView(uow, claims)
+            try:
+                await self._handle(env, view)
+            except Busy as busy:  # another saga's handler holds an aggregate: run again after it
+                claims.release(view)
+                await busy.done.wait()
+                continue
+            except Exception as e:
+                claims.release(view)
+                letters.append(self._letter(env, e, uow))
+                uow.holds.add(env.saga_id)
+                return
+            view.merge()
+            claims.release(view)
+            return
+
+    async def _commit_segment(self, uow: UnitOfWork, segment: Sequence[Envelope],
+                              parked: Sequence[DeadLetter] = ()) -> None:
         """Commit a run of handled events; if one emitted a taken event id, find and park it."""
         try:
-            self._commit(uow, segment)
+            await self._commit(uow, segment, parked=parked)
         except EventIdTaken as e:
             log.warning("%s: %s; handling the batch's events one by one to park the one that emits it",
                         self.service.name, e)
             for env in segment:
-                self._handle_alone(env)
+                await self._attempt(env)
 
     def _new_uow(self) -> UnitOfWork:
         return UnitOfWork(self.service.name, self.own, self.mapper, self.cache)
 
-    def _commit(
+    async def _commit(
         self,
         uow: UnitOfWork,
         done: Sequence[Envelope],
@@ -230,27 +355,24 @@ class Processor(Parking, Timers):
     ) -> None:
         reached = advance(done)
         handled = [e.event_id for e in done if self._relevant(e)]
+        events, letters = uow.stored_events(), [*uow.resolved, *updated]
         try:
-            self.own.commit(
-                events=uow.stored_events(),
-                emitted=uow.emitted,
-                tracking=reached,
-                parked=parked,
-                handled=list(dict.fromkeys(handled)),
-                updated=[*uow.resolved, *updated],
-                deadlines=uow.deadlines,
-            )
+            await self._io(lambda: self.own.commit(
+                events=events, emitted=uow.emitted, tracking=reached, parked=parked,
+                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines,
+            ))
         except BaseException:
             uow.discard()
             raise
         uow.keep()
         self.tracking.update(reached)
         for d in parked:
-            self.held.add(d.saga_id)
+            if d.status in HOLDING and d.saga_id:
+                self.held.add(d.saga_id)
         self.held -= uow.released
 
     # -- one event ---------------------------------------------------------------------
-    def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
+    async def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
         if not self._relevant(env):
             return
         if env.malformed is not None:
@@ -258,7 +380,7 @@ class Processor(Parking, Timers):
         if not env.saga_id:
             raise Park("missing saga id", f"event {env.event_id} of type {env.type} has no saga_id")
         failure = env.outcome == Outcome.FAILED
-        held = env.saga_id in self.held and env.saga_id not in uow.released
+        held = (env.saga_id in self.held or env.saga_id in uow.holds) and env.saga_id not in uow.released
         if held and not failure:  # a failure goes ahead of a parked event: compensation must not wait
             raise Park("held behind an earlier parked event of this saga", "")
         mark = len(uow.emitted)
@@ -272,19 +394,19 @@ class Processor(Parking, Timers):
             part = self._participation(uow, env.saga_id)
             if not part.saga_failed:
                 part.failure_seen(env.event_id)
-                self._compensate(part, env, uow)
+                await self._compensate(part, env, uow)
             if held:
-                self._skip_parked_steps(part, env, uow)
+                await self._skip_parked_steps(part, env, uow)
         if event is not None:
             for handler in self.service.handlers.get(env.type, ()):
                 if handler.kind == "step":
-                    self._run_step(handler, event, env, uow)
+                    await self._run_step(handler, event, env, uow)
                 else:
-                    self._run_plain(handler, event, env, uow)
+                    await self._run_plain(handler, event, env, uow)
         if self.service.deadlines:
             self._schedule(env, uow)
         if self._starts:
-            self._follow(env, uow)
+            await self._follow(env, uow)
         if self._check_size:
             for out in uow.emitted[mark:]:
                 if why := self.own.oversized(out):
@@ -298,12 +420,12 @@ class Processor(Parking, Timers):
             uow.add(part)
         return part  # type: ignore[return-value]
 
-    def _run_plain(self, handler: Handler, event: Event, env: Envelope, uow: UnitOfWork) -> None:
+    async def _run_plain(self, handler: Handler, event: Event, env: Envelope, uow: UnitOfWork) -> None:
         ctx = Context(uow, env)
-        for out in [*as_events(handler, handler.fn(event, ctx)), *ctx.extra]:
+        for out in [*as_events(handler, await self._call(handler.fn, event, ctx)), *ctx.extra]:
             uow.emit(out, env)
 
-    def _run_step(self, handler: Handler, event: Event, env: Envelope, uow: UnitOfWork) -> None:
+    async def _run_step(self, handler: Handler, event: Event, env: Envelope, uow: UnitOfWork) -> None:
         step = handler.step
         assert step is not None
         part: Participation | None = self._participation(uow, env.saga_id, create=False)
@@ -316,7 +438,7 @@ class Processor(Parking, Timers):
             return
         ctx = Context(uow, env)
         try:
-            result = handler.fn(event, ctx)
+            result = await self._call(handler.fn, event, ctx)
         except StepFailed as failure:
             for out in ctx.extra:
                 uow.emit(out, env)
@@ -324,7 +446,7 @@ class Processor(Parking, Timers):
             part = part or self._participation(uow, env.saga_id)
             part.step_failed(step)
             part.failure_seen(failed.event_id)
-            self._compensate(part, failed, uow)
+            await self._compensate(part, failed, uow)
             return
         outs = as_events(handler, result)
         if len(outs) != 1:
@@ -342,7 +464,7 @@ class Processor(Parking, Timers):
         for out in ctx.extra:
             uow.emit(out, env)
 
-    def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
+    async def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
         """Run the compensation of every step this service completed in the saga, once."""
         for step in part.to_compensate():
             handler = self.service.compensations.get(step)
@@ -352,22 +474,22 @@ class Processor(Parking, Timers):
                 done = part.completed[step]
                 done_event = decode_payload(str(done["type"]), int(done["version"]), str(done["payload"]))  # type: ignore[call-overload]
                 ctx = Context(uow, cause)
-                outs = [*as_events(handler, handler.fn(done_event, ctx)), *ctx.extra]
+                outs = [*as_events(handler, await self._call(handler.fn, done_event, ctx)), *ctx.extra]
             if not outs:  # still say that the step is undone: the saga's starter waits for it
                 why = "it has no compensation handler" if handler is None else "its compensation emitted nothing"
                 outs = [StepCompensated(step=step, reason=f"nothing to undo: {why}")]
             for i, out in enumerate(outs):
                 uow.emit(out, cause, step=step if i == 0 else None, outcome=Outcome.COMPENSATED if i == 0 else None)
 
-    def _skip_parked_steps(self, part: Participation, failure: Envelope, uow: UnitOfWork) -> None:
+    async def _skip_parked_steps(self, part: Participation, failure: Envelope, uow: UnitOfWork) -> None:
         """Resolve as skipped the parked triggers of this saga's steps: the saga failed before they ran.
 
         Other parked events of the saga stay parked (and hold the saga) for an operator.
         """
         done = {d.id for d in uow.resolved}
         remaining = False
-        for letter in self.own.dead_letters("parked"):
-            if letter.saga_id != failure.saga_id or letter.id in done:
+        for letter in await self._io(self.own.dead_letters, None):
+            if letter.status not in HOLDING or letter.saga_id != failure.saga_id or letter.id in done:
                 continue
             step = next((h.step for h in self.service.handlers.get(letter.type, ()) if h.kind == "step"), None)
             if step is None:
@@ -381,12 +503,12 @@ class Processor(Parking, Timers):
                          tag="skipped")
             uow.emit(DeadLetterResolved(of_event_id=letter.event_id, dead_letter_id=letter.id or 0,
                                         status="skipped", reason=reason), trigger, tag=f"resolved-{letter.id}")
-            uow.resolved.append(replace(letter, status="skipped", reason=reason))
+            uow.resolved.append(replace(letter, status="skipped", reason=reason, due_at=None))
         if not remaining:
             uow.released.add(failure.saga_id)
 
     # -- ending sagas (this service starts them) ------------------------------------------
-    def _follow(self, env: Envelope, uow: UnitOfWork) -> None:
+    async def _follow(self, env: Envelope, uow: UnitOfWork) -> None:
         """Keep the starter's record of the saga up to date; end the saga when its verdict is in."""
         definition = self._starts.get(env.type)
         found: Participation | None = self._participation(uow, env.saga_id, create=False)
@@ -414,6 +536,23 @@ class Processor(Parking, Timers):
         handler = self.service.ends.get((part.saga_type or "", str(outcome)))
         if handler is not None:
             ctx = Context(uow, end_env)
-            for out in [*as_events(handler, handler.fn(end, ctx)), *ctx.extra]:
+            for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
                 uow.emit(out, end_env)
         self._cancel_deadlines(env.saga_id, env, uow)
+
+
+def wait_for_retries(processors: Sequence[Processor], limit: float) -> bool:
+    """Sleep until the processors' next scheduled retry if it is due within `limit` seconds.
+
+    Returns whether one is due now. Time is choreo's clock: under a frozen clock, which
+    sleeping does not move, it returns False rather than wait for ever.
+    """
+    due = min((p.next_retry_at for p in processors if p.next_retry_at is not None), default=None)
+    if due is None:
+        return False
+    wait = (due - clock.now()).total_seconds()
+    if wait > limit:
+        return False
+    if wait > 0:
+        time.sleep(wait)
+    return clock.now() >= due

@@ -11,7 +11,7 @@ from types import FrameType
 
 from choreo.errors import StoreError
 from choreo.events import Event
-from choreo.processor import Processor
+from choreo.processor import Processor, wait_for_retries
 from choreo.retry import RetryPolicy
 from choreo.service import Service
 from choreo.store import EventStore
@@ -46,13 +46,17 @@ class Runner:
         """Start a saga with its initiating event; return the saga id."""
         return self.system.start(self.store, event, saga_id=saga_id)
 
-    def run_until_idle(self, max_rounds: int = 1_000_000) -> int:
-        """Process in this thread, service by service, until no service has work; return events read."""
+    def run_until_idle(self, max_rounds: int = 1_000_000, *, retry_wait: float = 10.0) -> int:
+        """Process in this thread, service by service, until no service has work; return events read.
+
+        Scheduled retries due within `retry_wait` seconds are waited for (choreo's clock:
+        under a frozen clock nothing is waited for); later ones are left scheduled.
+        """
         total = 0
         for _ in range(max_rounds):
-            n = sum(p.run_until_idle() for p in self.processors)
+            n = sum(p.run_until_idle(retry_wait=0) for p in self.processors)
             total += n
-            if n == 0:
+            if n == 0 and not wait_for_retries(self.processors, retry_wait):
                 return total
         raise RuntimeError("run_until_idle: the system did not go idle")
 

@@ -43,6 +43,8 @@ class Service:
         *,
         starts: tuple[type[Event], ...] | list[type[Event]] = (),
         retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
+        threads: int = 0,
     ) -> None:
         self.name = check_service_name(name)
         self.handlers: dict[str, list[Handler]] = {}
@@ -55,6 +57,14 @@ class Service:
         self.ends: dict[tuple[str, str], Handler] = {}
         self.starts: tuple[type[Event], ...] = tuple(_event_class(self.name, e, "starts") for e in starts)
         self.retry = retry
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise WiringError(f"service {self.name!r}: concurrency must be a whole number >= 1, got {concurrency!r}")
+        if not isinstance(threads, int) or threads < 0:
+            raise WiringError(f"service {self.name!r}: threads must be a whole number >= 0, got {threads!r}")
+        #: how many sagas this service handles at once (None: see `effective_concurrency`)
+        self.concurrency = concurrency
+        #: sync handlers run in a pool of this many threads (0: in the service's loop, one at a time)
+        self.threads = threads
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
@@ -64,7 +74,7 @@ class Service:
         cls = _event_class(self.name, event_type, "on")
 
         def register(fn: F) -> F:
-            self._add(Handler("on", _sync(self.name, fn), cls, retry=retry))
+            self._add(Handler("on", _callable(self.name, fn), cls, retry=retry))
             return fn
 
         return register
@@ -84,7 +94,7 @@ class Service:
                     f"service {self.name!r}: step {name!r} is registered twice "
                     f"({self.steps[name].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            handler = Handler("step", _sync(self.name, fn), cls, name, retry)
+            handler = Handler("step", _callable(self.name, fn), cls, name, retry)
             self.steps[name] = handler
             self._add(handler)
             return fn
@@ -100,7 +110,7 @@ class Service:
                     f"service {self.name!r}: step {step!r} has two compensations "
                     f"({self.compensations[step].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            self.compensations[step] = Handler("compensation", _sync(self.name, fn), None, step)
+            self.compensations[step] = Handler("compensation", _callable(self.name, fn), None, step)
             return fn
 
         return register
@@ -126,7 +136,7 @@ class Service:
             raise WiringError(f"service {self.name!r}: deadline {name!r} is declared twice")
 
         def register(fn: F) -> F:
-            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, _sync(self.name, fn), fails_saga)
+            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, _callable(self.name, fn), fails_saga)
             return fn
 
         return register
@@ -174,10 +184,26 @@ class Service:
                     f"service {self.name!r}: saga {saga.name!r} has two {outcome} handlers "
                     f"({known.name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            self.ends[saga.name, outcome] = Handler(outcome, _sync(self.name, fn), None)
+            self.ends[saga.name, outcome] = Handler(outcome, _callable(self.name, fn), None)
             return fn
 
         return register
+
+    @property
+    def has_async_handlers(self) -> bool:
+        """Whether any of this service's handlers is an `async def` function."""
+        handlers = [*self.steps.values(), *self.compensations.values(), *self.ends.values(),
+                    *(h for hs in self.handlers.values() for h in hs)]
+        return any(is_async(h.fn) for h in handlers) or any(is_async(d.fn) for d in self.deadlines.values())
+
+    def effective_concurrency(self) -> int:
+        """How many sagas the service handles at once: `concurrency` if set, else 256 when a
+        handler is `async def`, the thread count when sync handlers run in threads, else 1."""
+        if self.concurrency is not None:
+            return self.concurrency
+        if self.has_async_handlers:
+            return 256
+        return max(1, self.threads)
 
     def retry_policy(self, event_type: str) -> RetryPolicy | None:
         """The retry policy for events of `event_type`: the handler's, else the service's."""
@@ -209,14 +235,16 @@ class Service:
         return frozenset(self.handlers) | timers | frozenset(self.sagas)
 
 
-def _sync(service: str, fn: F) -> F:
-    """Return `fn`, refusing coroutine functions (choreo does not await handlers yet)."""
-    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
-        raise WiringError(
-            f"service {service!r}: {getattr(fn, '__qualname__', fn)!r} is an async def handler; choreo runs "
-            "handlers synchronously for now: make it a plain def (async handlers are planned)"
-        )
+def _callable(service: str, fn: F) -> F:
+    """Return `fn` if it can be a handler (a plain or an `async def` function)."""
+    if not callable(fn):
+        raise WiringError(f"service {service!r}: a handler must be a function, got {fn!r}")
     return fn
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` is an `async def` function (or an object whose `__call__` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _event_class(service: str, obj: object, where: str) -> type[Event]:

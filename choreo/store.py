@@ -59,6 +59,13 @@ class DeadLetter:
     envelope: dict[str, Any] = field(default_factory=dict)
     id: int | None = None
     status: str = "parked"
+    #: with status `retrying`: when the next attempt is due (choreo's clock)
+    due_at: datetime | None = None
+
+
+PARKED, RETRYING = "parked", "retrying"
+#: The statuses of a dead letter that hold its saga's later events in its service.
+HOLDING = (PARKED, RETRYING)
 
 
 Tracking = dict[str, int]
@@ -155,6 +162,11 @@ class ServiceStore(ABC):
     @abstractmethod
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
         """Return this service's dead letters, optionally only those with `status`."""
+
+    def due_retries(self, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        """Return the letters whose next attempt is due at `now` (status `retrying`), earliest first."""
+        due = [d for d in self.dead_letters(RETRYING) if d.due_at is not None and d.due_at <= now]
+        return sorted(due, key=lambda d: (d.due_at, d.id or 0))[:limit]
 
     def flush(self) -> None:
         """Publish whatever the service emitted that is not yet in the log (Kafka's outbox)."""

@@ -277,13 +277,21 @@ def test_end_handlers_are_wired_only_by_the_starter_and_once() -> None:
         desk.saga_failed(saga)(lambda e, ctx: None)
 
 
-def test_async_handlers_are_refused_at_registration() -> None:
-    svc = Service("svc", starts=[Requested])
+def test_async_end_handlers_are_awaited() -> None:
+    ended: list[object] = []
+    desk = Service("desk", starts=[Requested])
+    kitchen = Service("kitchen")
+    saga = SagaDefinition(name="delivery", start=Requested, steps=("prepare",))
 
-    async def handler(event: Requested, ctx: Context) -> None:
-        return None
+    @kitchen.step("prepare", on=Requested)
+    async def prepare(event: Requested, ctx: Context) -> Prepared:
+        return Prepared(key=event.key)
 
-    for register in (svc.on(Requested), svc.step("s", on=Requested), svc.compensation("s"),
-                     svc.saga_completed(SagaDefinition(name="d", start=Requested, steps=()))):
-        with pytest.raises(WiringError, match="async def"):
-            register(handler)
+    @desk.saga_completed(saga)
+    async def completed(done: SagaCompleted, ctx: Context) -> None:
+        ended.append(done)
+
+    harness = TestSystem(System([desk, kitchen], sagas=[saga]))
+    harness.start(Requested(key="k"))
+    harness.run()
+    assert [type(e) for e in ended] == [SagaCompleted]
