@@ -33,7 +33,7 @@ from choreo.operations import CompensationForced
 from choreo.processor import Processor
 from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
-from choreo.runner import Runner, run_service
+from choreo.runner import AsyncRunner, Runner, run_service
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.service import Service
 from choreo.store import (
@@ -44,6 +44,7 @@ from choreo.system import System
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncRunner",
     "Aggregate",
     "AggregateExists",
     "AggregateNotFound",

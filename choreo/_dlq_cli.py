@@ -139,5 +139,6 @@ def _compensate(args: argparse.Namespace) -> int:
     system = system_of(args, None)
     with open_existing(args.store, write=True) as store:
         event_id = force_compensation(store, args.saga_id, args.reason, sagas=system.sagas if system else ())
-    print(f"saga {args.saga_id} failed by the operator (event {event_id}); its participants compensate")
+    print(f"compensation of saga {args.saga_id} requested (event {event_id}); the service that started it "
+          "fails it, unless it ended first, and its participants compensate")
     return 0

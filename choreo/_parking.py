@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from choreo import clock
 from choreo.errors import EventError, EventIdTaken, WiringError
 from choreo.events import Envelope, Event, decode_payload
-from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried, RetryRequested, SkipRequested
+from choreo.operations import (
+    CompensationRequested, DeadLetterResolved, EventParked, HandlerRetried, RetryRequested, SkipRequested,
+)
 from choreo.store import HOLDING, PARKED, RETRYING, DeadLetter
 
 if TYPE_CHECKING:
@@ -63,6 +65,9 @@ class Parking:
         raise NotImplementedError
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def _force_failure(self, env: Envelope, command: CompensationRequested) -> None:
         raise NotImplementedError
 
     # -- one attempt ----------------------------------------------------------------------
@@ -198,14 +203,22 @@ class Parking:
             dead = self._letter(env, Park(f"invalid operator command: {e}", str(e)), uow, hold=False)
             await self._commit(uow, [env], parked=[dead])
             return
+        if isinstance(command, CompensationRequested):
+            await self._force_failure(env, command)
+            return
         assert isinstance(command, (RetryRequested, SkipRequested))
         letters = await self._io(self.own.dead_letters, None)
-        target = next((d for d in letters if d.id == command.dead_letter_id and d.status in HOLDING), None)
+        target = next((d for d in letters if d.id == command.dead_letter_id), None)
+        if target is not None and target.status not in HOLDING:
+            # resolved already (a command read again after a failed commit): release what still waits behind it
+            target = next((d for d in letters if d.saga_id == target.saga_id and d.status in HOLDING
+                           and (d.id or 0) > (target.id or 0)), None)
         if target is None:
             log.warning("%s: %s names dead letter %s, which is not waiting here", self.service.name,
                         env.type, command.dead_letter_id)
         else:
-            skip = command.reason if isinstance(command, SkipRequested) else None
+            skip = command.reason if isinstance(command, SkipRequested) and target.id == command.dead_letter_id \
+                else None
             await self._release(target, skip_reason=skip, cause=env)
         await self._commit(self._new_uow(), [env])
 

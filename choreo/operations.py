@@ -74,7 +74,29 @@ class CompensationForced(Event):
     reason: str
 
 
-OPERATOR_COMMANDS = frozenset({RetryRequested.event_type, SkipRequested.event_type})
+class CompensationRequested(Event):
+    """An operator asked the service that started the saga to fail it, unless it already ended.
+
+    That service decides, in log order: if its record of the saga has not ended, it emits
+    `CompensationForced` (so every participant compensates); if it has, it refuses with
+    `CompensationRefused`. So a saga never both completes and compensates.
+    """
+
+    event_type: ClassVar[str] = "choreo.CompensationRequested"
+    service: str
+    reason: str
+
+
+class CompensationRefused(Event):
+    """The service that started the saga refused an operator's compensation: the saga had ended."""
+
+    event_type: ClassVar[str] = "choreo.CompensationRefused"
+    reason: str
+    state: str
+
+
+OPERATOR_COMMANDS = frozenset({RetryRequested.event_type, SkipRequested.event_type,
+                               CompensationRequested.event_type})
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,8 @@ class SagaStatus:
     #: "running", "compensating" (a failure seen, not ended yet), "completed" or "failed".
     state: str
     ended_by: str | None = None
+    #: the service that appended the saga's start event (it decides the saga's end)
+    starter: str | None = None
 
 
 # -- the operator's API (the `choreo dlq` commands call these) -------------------------------
@@ -132,9 +156,10 @@ def force_compensation(
     one that already ended (`CommandRefused`, with its state): undoing a completed saga is
     a new business process, not a compensation. A saga ended when choreo's
     `SagaCompleted`/`SagaFailed`, or an end event of its definition among `sagas`, is in
-    the log (see `saga_status()`, which reads the whole log once). A saga that ends between
-    this check and the append is failed anyway; its participants' compensations are
-    idempotent, but the check cannot rule that race out.
+    the log, or every step of its definition completed (see `saga_status()`, which reads the
+    whole log once). The request goes to the service that started the saga, which fails it
+    only if its own record of the saga has not ended by the time it reads the request; so
+    a saga that ends between this check and the request is refused there, not undone.
     """
     if not reason:
         raise CommandRefused("forcing compensation needs a reason")
@@ -147,6 +172,8 @@ def force_compensation(
             "undoing a finished saga is a new business process, not a compensation",
             state=status.state,
         )
+    if status.starter:  # the starter decides, in log order, so that the saga never ends both ways
+        return _request(store, saga_id, CompensationRequested(service=status.starter, reason=reason))
     return _request(store, saga_id, CompensationForced(reason=reason), outcome=Outcome.FAILED)
 
 
@@ -158,27 +185,35 @@ def saga_status(store: EventStore, saga_id: str, sagas: Iterable[SagaDefinition]
     outcome came before, else completed. This needs neither the saga projection nor a
     system, only the log.
     """
-    events: list[tuple[str, str | None]] = []  # (type, outcome) of each of the saga's events, in log order
+    # (type, step, outcome, causation, service) of each of the saga's events, in log order
+    events: list[tuple[str, str | None, str | None, str | None, str]] = []
     feed = store.feed(f"operator-{uuid4()}", dict, group=False)
     try:
         while rows := feed.poll_rows(5000, store.idle_timeout):
-            events += [(row[2], row[8]) for row in rows if row[4] == saga_id]
+            events += [(row[2], row[7], row[8], row[5], row[6]) for row in rows if row[4] == saga_id]
     finally:
         feed.close()
     if not events:
         return None
-    types = {kind for kind, _ in events}
-    end_types = {t for d in sagas if d.start.event_type in types for t in d.end_types}
-    failing = False
-    for kind, outcome in events:
+    starter = next((service for _, _, _, cause, service in events if cause is None and service != "operator"), None)
+    types = {kind for kind, *_ in events}
+    started = [d for d in sagas if d.start.event_type in types]
+    end_types = {t for d in started for t in d.end_types}
+    count = len(events)
+    failing, completed = False, set()
+    for kind, step, outcome, _, _ in events:
         if kind == SagaCompleted.event_type:
-            return SagaStatus(saga_id, len(events), "completed", kind)
+            return SagaStatus(saga_id, count, "completed", kind, starter)
         if kind == SagaFailed.event_type:
-            return SagaStatus(saga_id, len(events), "failed", kind)
+            return SagaStatus(saga_id, count, "failed", kind, starter)
         if kind in end_types:
-            return SagaStatus(saga_id, len(events), "failed" if failing else "completed", kind)
+            return SagaStatus(saga_id, count, "failed" if failing else "completed", kind, starter)
         failing = failing or outcome == Outcome.FAILED
-    return SagaStatus(saga_id, len(events), "compensating" if failing else "running")
+        if step and outcome == Outcome.COMPLETED:
+            completed.add(step)
+        if not failing and any(d.steps and set(d.steps) <= completed for d in started):
+            return SagaStatus(saga_id, count, "completed", f"{kind} (every step completed)", starter)
+    return SagaStatus(saga_id, count, "compensating" if failing else "running", None, starter)
 
 
 def _request(store: EventStore, saga_id: str, event: Event, outcome: str | None = None) -> str:

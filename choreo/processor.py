@@ -42,7 +42,9 @@ from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
 from choreo.errors import ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped, decode_payload, is_known_type, known_types
-from choreo.operations import OPERATOR_COMMANDS, DeadLetterResolved
+from choreo.operations import (
+    OPERATOR_COMMANDS, CompensationForced, CompensationRefused, CompensationRequested, DeadLetterResolved,
+)
 from choreo.retry import RetryPolicy
 from choreo.saga import SagaFailed
 from choreo.service import Handler, Service, is_async
@@ -97,6 +99,7 @@ class Processor(Parking, Timers):
         self.offload = False
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"choreo-{service.name}") \
             if self.threads else None
+        self._io_pool: ThreadPoolExecutor | None = None
         self._types = service.subscribed_types
         self._has_steps = bool(service.steps)
         self._starts = dict(service.sagas)  # the sagas this service ends, by start event type
@@ -145,9 +148,11 @@ class Processor(Parking, Timers):
         return len(batch)
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call the store: in a worker thread when offloading, else right here."""
+        """Call the store: in this service's own worker thread when offloading, else right here."""
         if self.offload:
-            return await asyncio.to_thread(fn, *args)
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(1, thread_name_prefix=f"choreo-{self.service.name}-io")
+            return await asyncio.get_running_loop().run_in_executor(self._io_pool, lambda: fn(*args))
         return fn(*args)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -224,8 +229,9 @@ class Processor(Parking, Timers):
     def close(self) -> None:
         """Leave the log and stop the thread pool; the service's own store stays open."""
         self.feed.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._io_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _is_command(self, env: Envelope) -> bool:
         return env.type in OPERATOR_COMMANDS and self._relevant(env)
@@ -267,11 +273,17 @@ class Processor(Parking, Timers):
                     stop, error = i, e
                     break
             end = len(batch) if stop is None else stop
-            if error is not None:  # handle the good prefix again without the bad event
+            while error is not None:  # handle the good prefix again without the bad event
                 uow.discard()
                 uow = self._new_uow()
-                for env in batch[start:end]:
-                    await self._handle(env, uow)
+                for i in range(start, end):
+                    try:
+                        await self._handle(batch[i], uow)
+                    except Exception as e:  # it failed this time (a flaky handler): it is the bad one now
+                        stop, end, error = i, i, e
+                        break
+                else:
+                    break
             if end > start:
                 await self._commit_segment(uow, batch[start:end])
             if stop is None:
@@ -381,7 +393,9 @@ class Processor(Parking, Timers):
             raise Park("missing saga id", f"event {env.event_id} of type {env.type} has no saga_id")
         failure = env.outcome == Outcome.FAILED
         held = (env.saga_id in self.held or env.saga_id in uow.holds) and env.saga_id not in uow.released
-        if held and not failure:  # a failure goes ahead of a parked event: compensation must not wait
+        # A failure goes ahead of a parked event in a participant: compensation must not wait. The
+        # service that ends the saga reads every outcome in order, so for it the failure waits too.
+        if held and not (failure and self._has_steps and not self._starts):
             raise Park("held behind an earlier parked event of this saga", "")
         mark = len(uow.emitted)
         event: Event | None = None
@@ -506,6 +520,30 @@ class Processor(Parking, Timers):
             uow.resolved.append(replace(letter, status="skipped", reason=reason, due_at=None))
         if not remaining:
             uow.released.add(failure.saga_id)
+
+    async def _force_failure(self, env: Envelope, command: CompensationRequested) -> None:
+        """An operator's request to fail the saga: refused if this service saw it end, else carried out.
+
+        The request is read in log order with the saga's outcomes, so the saga either ended
+        before it (refused, `CompensationRefused` in its timeline) or fails now: never both.
+        """
+        uow = self._new_uow()
+        part = self._participation(uow, env.saga_id, create=False)
+        if part is not None and part.ended is not None:
+            log.warning("%s: refused to compensate saga %s: it already %s", self.service.name, env.saga_id,
+                        part.ended)
+            uow.emit(CompensationRefused(reason=command.reason, state=part.ended), env, tag="refused")
+        else:
+            forced = uow.emit(CompensationForced(reason=command.reason), env, outcome=Outcome.FAILED, tag="forced")
+            if self._has_steps:
+                mine = part or self._participation(uow, env.saga_id)
+                if not mine.saga_failed:
+                    mine.failure_seen(forced.event_id)
+                    await self._compensate(mine, forced, uow)
+            if self._starts:  # remember the failure now: a completion read later cannot end the saga
+                record = part or self._participation(uow, env.saga_id)
+                observe(record, forced)
+        await self._commit(uow, [env])
 
     # -- ending sagas (this service starts them) ------------------------------------------
     async def _follow(self, env: Envelope, uow: UnitOfWork) -> None:

@@ -1,15 +1,20 @@
-"""Running services: all in this thread, a thread per service, or one service per process."""
+"""Running services: all in this thread, a thread per service, one service per process,
+or as tasks in an application's own event loop (`AsyncRunner`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime
 from types import FrameType
+from typing import Any, Protocol
 
-from choreo.errors import StoreError
+from choreo import clock
+from choreo.errors import LogRewound, StoreError, WiringError
 from choreo.events import Event
 from choreo.processor import Processor, wait_for_retries
 from choreo.retry import RetryPolicy
@@ -31,12 +36,15 @@ class Runner:
         services: Iterable[str] | None = None,
         batch_size: int = 1000,
         retry: RetryPolicy | None = None,
+        concurrency: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.system = system
         self.store = store
         names = list(services) if services is not None else list(system.services)
         self.processors = [
-            Processor(system[n], store, batch_size=batch_size, retry=retry) for n in names
+            Processor(system[n], store, batch_size=batch_size, retry=retry, concurrency=concurrency, threads=threads)
+            for n in names
         ]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,17 +104,128 @@ class Runner:
         self.stop()
 
 
+class _Stop(Protocol):
+    def is_set(self) -> bool: ...
+
+
 def run_processor(processor: Processor, stop: threading.Event, idle_wait: float = 0.2) -> None:
-    """Process the log until `stop` is set; wait for new events when idle."""
-    backoff = 0.05
+    """Process the log until `stop` is set; wait for new events when idle.
+
+    A service that needs an event loop (async handlers, concurrency, threads) gets one
+    loop for the whole run.
+    """
+    if processor.needs_loop:
+        asyncio.run(arun_processor(processor, stop, idle_wait))
+        return
+    backoff = _Backoff(processor)
     while not stop.is_set():
         try:
-            processor.poll(timeout=idle_wait)
-        except StoreError:  # a locked, full or unreachable store: the processor said so; wait, try again
-            stop.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+            processor.poll(timeout=_idle(processor, idle_wait))
+        except Exception as e:
+            stop.wait(backoff.after(e))
             continue
-        backoff = 0.05
+        backoff.reset()
+
+
+async def arun_processor(processor: Processor, stop: _Stop, idle_wait: float = 0.2) -> None:
+    """`run_processor()` as a coroutine: process until `stop` (a threading or asyncio event) is set."""
+    backoff = _Backoff(processor)
+    while not stop.is_set():
+        try:
+            await processor.apoll(timeout=_idle(processor, idle_wait))
+        except Exception as e:
+            await asyncio.sleep(backoff.after(e))
+            continue
+        backoff.reset()
+
+
+def _idle(processor: Processor, idle_wait: float) -> float:
+    """How long a poll may wait for new events: not past the next scheduled retry."""
+    due: datetime | None = processor.next_retry_at
+    if due is None:
+        return idle_wait
+    return max(0.0, min(idle_wait, (due - clock.now()).total_seconds()))
+
+
+class _Backoff:
+    """What a running service does after a failed poll: how long to wait, or stop."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+        self.reset()
+
+    def reset(self) -> None:
+        self.delay = 0.05
+
+    def after(self, error: Exception) -> float:
+        """The seconds to wait before the next poll; raise `error` if an operator must act."""
+        if isinstance(error, (LogRewound, WiringError)):
+            raise error
+        if not isinstance(error, StoreError):  # a bug, in choreo or in the service: never a crash loop
+            log.exception("%s: unexpected error; resuming from the last committed position",
+                          self.processor.service.name, exc_info=error)
+        delay, self.delay = self.delay, min(self.delay * 2, 5.0)
+        return delay
+
+
+class AsyncRunner:
+    """Runs a system's services as tasks in the running event loop (an ASGI app's lifespan, say).
+
+    ```python
+    async with AsyncRunner(system, open_store(url)) as running:
+        saga_id = await running.start(OrderPlaced(...))
+    ```
+
+    Store calls run in a worker thread per service, so they never block the loop;
+    `async def` handlers are awaited in it.
+    """
+
+    def __init__(self, system: System, store: EventStore, *, services: Iterable[str] | None = None,
+                 **options: Any) -> None:
+        self.system = system
+        self.store = store
+        self.names = list(services) if services is not None else list(system.services)
+        self.options = options
+        self.processors: list[Processor] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, event: Event, *, saga_id: str | None = None) -> str:
+        """Start a saga (append its initiating event, off the loop); return the saga id."""
+        return await asyncio.to_thread(self.system.start, self.store, event, saga_id=saga_id)
+
+    async def __aenter__(self) -> AsyncRunner:
+        for name in self.names:
+            processor = await asyncio.to_thread(Processor, self.system[name], self.store, **self.options)
+            processor.offload = True
+            self.processors.append(processor)
+        self._stop.clear()
+        self._tasks = [asyncio.create_task(arun_processor(p, self._stop), name=f"choreo-{p.service.name}")
+                       for p in self.processors]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for p in self.processors:
+                await asyncio.to_thread(p.close)
+            self.processors.clear()
+            self._tasks.clear()
+
+
+def _start(service: Service, store: EventStore, stop: threading.Event, options: dict[str, Any]) -> Processor | None:
+    """The service's processor, waiting (with backoff) while the store is locked or unreachable."""
+    delay = 0.05
+    while not stop.is_set():
+        try:
+            return Processor(service, store, **options)
+        except StoreError as e:
+            log.warning("%s: cannot start yet: %s; trying again in %.2fs", service.name, e, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+    return None
 
 
 def run_service(service: Service, store: EventStore, **options: object) -> None:
@@ -119,7 +238,9 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        processor = Processor(service, store, **options)  # type: ignore[arg-type]
+        processor = _start(service, store, stop, options)
+        if processor is None:
+            return
         log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
         started = time.monotonic()
         try:
