@@ -21,7 +21,7 @@ from choreo.operations import (
 )
 from choreo.store import DeadLetter, EventStore
 
-STATUSES = ("parked", "retried", "skipped", "unpublished", "all")
+STATUSES = ("parked", "retrying", "retried", "skipped", "failed", "unpublished", "all")
 
 
 def add_dlq_commands(sub: Any) -> None:
@@ -87,7 +87,8 @@ def _row(d: DeadLetter) -> dict[str, Any]:
 def _list(args: argparse.Namespace) -> int:
     with open_existing(args.store) as store:
         letters = _letters(store, args, None if args.status == "all" else args.status)
-        unpublished = len(_letters(store, args, "unpublished")) if args.status == "parked" else 0
+        others = {status: len(_letters(store, args, status)) for status in ("retrying", "failed", "unpublished")} \
+            if args.status == "parked" else {}
     if args.json:
         print(json.dumps([_row(d) for d in letters], indent=2, sort_keys=True))
         return 0
@@ -95,8 +96,11 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{d.service}:{d.id:<5} {d.status:<8} saga {d.saga_id or '-'}  {d.type or '?'}  "
               f"attempts {d.attempts}  {d.reason}")
     print(f"{len(letters)} dead letter(s)")
-    if unpublished:
-        print(f"and {unpublished} event(s) the log refused to take (see --status unpublished)")
+    notes = {"retrying": "waiting for their next attempt", "failed": "deadline(s) that failed",
+             "unpublished": "event(s) the log refused to take"}
+    for status, n in others.items():
+        if n:
+            print(f"and {n} {notes[status]} (see --status {status})")
     return 0
 
 

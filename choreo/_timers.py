@@ -1,7 +1,9 @@
 """Deadlines as the processor runs them: scheduled and cancelled with events, fired when due.
 
 A deadline is scheduled and cancelled in the same transaction as the event that
-does it. A due deadline fires only once the service has read the log to its end
+does it. A deadline whose handler fails is tried again later, by the service's retry
+policy, then marked `failed`, with a dead letter of that status and `EventParked` in the
+saga's timeline; it never blocks the deadlines due after it. A due deadline fires only once the service has read the log to its end
 (so an end that is already in the log, after downtime say, cancels it first), and
 never for a saga that ended: the end cancels every deadline of the saga. Firing
 is one transaction: the expiry event and the `fired` mark.
@@ -10,16 +12,20 @@ is one transaction: the expiry event and the `fired` mark.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from choreo import clock
-from choreo._parking import as_events
+from choreo._parking import as_events, raw_envelope
 from choreo._saga_end import observe
 from choreo.context import Context
-from choreo.deadlines import CANCELLED, FIRED, SCHEDULED, Deadline, deadline_id
-from choreo.errors import ConcurrencyConflict
+from choreo.deadlines import CANCELLED, FAILED, FIRED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline, deadline_id
+from choreo.errors import ConcurrencyConflict, StoreError
+from choreo.operations import EventParked
+from choreo.store import DeadLetter
 from choreo.events import Envelope, Outcome, decode_payload
 from choreo.saga import SAGA_ENDS
 
@@ -27,7 +33,8 @@ if TYPE_CHECKING:
     from choreo._participation import Participation
     from choreo._unit_of_work import UnitOfWork
     from choreo.service import Service
-    from choreo.store import DeadLetter, Feed, ServiceStore
+    from choreo.retry import RetryPolicy
+    from choreo.store import Feed, ServiceStore
 
 log = logging.getLogger("choreo")
 
@@ -38,7 +45,10 @@ class Timers:
     service: Service
     own: ServiceStore
     feed: Feed
+    retry: RetryPolicy
     _has_steps: bool
+    #: failed attempts of each deadline, in this process (a restart gives it a full round again)
+    deadline_failures: dict[str, int]
 
     def _new_uow(self) -> UnitOfWork:  # provided by Processor
         raise NotImplementedError
@@ -62,7 +72,7 @@ class Timers:
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
         """Schedule or cancel this service's deadlines that `env` starts or cancels."""
         if env.type in SAGA_ENDS:
-            self._cancel_deadlines(env.saga_id, env, uow)
+            self._cancel_deadlines(env, uow)
             return
         service = self.service.name
         for spec in self.service.deadlines.values():
@@ -76,10 +86,11 @@ class Timers:
             elif env.type in spec.cancel_types:
                 uow.deadlines.append(self._cancelled(spec.name, env))
 
-    def _cancel_deadlines(self, saga_id: str, cause: Envelope, uow: UnitOfWork) -> None:
-        """Cancel every deadline of this service for the saga (it ended)."""
-        for name in self.service.deadlines:
-            uow.deadlines.append(self._cancelled(name, cause))
+    def _cancel_deadlines(self, cause: Envelope, uow: UnitOfWork) -> None:
+        """Cancel whatever of this service's deadlines for the saga is still scheduled (it ended)."""
+        if self.service.deadlines:
+            uow.deadlines.append(Deadline(id="", service=self.service.name, name="*", saga_id=cause.saga_id,
+                                          due_at=clock.now(), status=SAGA_ENDED, cause_event_id=cause.event_id))
 
     def _cancelled(self, name: str, cause: Envelope) -> Deadline:
         return Deadline(
@@ -134,7 +145,37 @@ class Timers:
                 await self._commit(uow, [])
             except ConcurrencyConflict:
                 uow.discard()  # another replica fired it
-            except Exception:
+            except StoreError:
                 uow.discard()
-                log.exception("%s: deadline %s of saga %s failed; will try again", self.service.name,
-                              timer.name, timer.saga_id)
+                raise  # the poll fails and resumes from what is committed
+            except Exception as e:
+                uow.discard()
+                await self._deadline_failed(timer, cause, e)
+
+    async def _deadline_failed(self, timer: Deadline, cause: Envelope, error: Exception) -> None:
+        """Try a failed deadline again later (the retry policy), else mark it failed with a dead letter."""
+        policy = self.service.retry or self.retry
+        attempts = self.deadline_failures[timer.id] = self.deadline_failures.get(timer.id, 0) + 1
+        uow, letters = self._new_uow(), []
+        why = f"{type(error).__name__}: {error}"
+        if attempts < policy.max_attempts and policy.is_transient(error):
+            due = clock.now() + timedelta(seconds=policy.delay(attempts))
+            log.warning("%s: deadline %s of saga %s failed (attempt %d of %d): %s; next attempt at %s",
+                        self.service.name, timer.name, timer.saga_id, attempts, policy.max_attempts, why,
+                        due.isoformat())
+            uow.deadlines.append(replace(timer, status=RESCHEDULED, due_at=due))
+        else:
+            reason = f"deadline {timer.name} failed {attempts} time(s): {why}"
+            log.error("%s: %s (saga %s); marked failed", self.service.name, reason, timer.saga_id)
+            uow.deadlines.append(replace(timer, status=FAILED))
+            uow.emit(EventParked(of_event_id=cause.event_id, handled_type=f"deadline:{timer.name}", reason=reason,
+                                 attempts=attempts), cause, tag=f"deadline-failed-{timer.id}")
+            now = clock.now()
+            letters.append(DeadLetter(
+                service=self.service.name, position=0, event_id=cause.event_id, saga_id=timer.saga_id,
+                type=f"deadline:{timer.name}", reason=reason, error="".join(traceback.format_exception(error)),
+                attempts=attempts, first_failed_at=now, last_failed_at=now, envelope=raw_envelope(cause),
+                status=FAILED,
+            ))
+            self.deadline_failures.pop(timer.id, None)
+        await self._commit(uow, [], parked=letters)

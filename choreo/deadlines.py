@@ -1,7 +1,8 @@
 """Durable deadlines: started by an event, cancelled by others, emitting an event when they expire.
 
 A deadline is a row in the service's own store, written in the same transaction
-as the event that started or cancelled it. Each poll fires the deadlines that are
+as the event that started or cancelled it. A deadline whose handler fails is tried
+again later (the service's retry policy), then marked `failed` with a dead letter. Each poll fires the deadlines that are
 due by choreo's clock: the expiry event and the `fired` mark are one transaction,
 so a deadline fires exactly once, and late (never not) after downtime.
 """
@@ -17,7 +18,10 @@ from uuid import NAMESPACE_URL, uuid5
 
 from choreo.events import Event
 
-SCHEDULED, CANCELLED, FIRED = "scheduled", "cancelled", "fired"
+SCHEDULED, CANCELLED, FIRED, FAILED = "scheduled", "cancelled", "fired", "failed"
+#: Changes that are not statuses of their own: move a scheduled deadline's due time, and
+#: cancel every scheduled deadline of a saga (it ended).
+RESCHEDULED, SAGA_ENDED = "rescheduled", "saga-ended"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
-from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
+from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, EventIdTaken
 from choreo.events import Envelope
 from choreo.store import (
@@ -223,7 +223,14 @@ def merge_deadlines(have: dict[str, Deadline], changes: Sequence[Deadline], owne
     out = dict(have)
     for d in changes:
         old = out.get(d.id)
-        if d.status == SCHEDULED:
+        if d.status == SAGA_ENDED:
+            for key, t in out.items():
+                if t.saga_id == d.saga_id and t.status == SCHEDULED:
+                    out[key] = replace(t, status=CANCELLED)
+        elif d.status == RESCHEDULED:
+            if old is not None and old.status == SCHEDULED:
+                out[d.id] = replace(old, due_at=d.due_at)
+        elif d.status == SCHEDULED:
             out.setdefault(d.id, d)
         elif d.status == CANCELLED:
             if old is None or old.status == SCHEDULED:

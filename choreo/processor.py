@@ -46,7 +46,7 @@ from choreo.operations import (
     OPERATOR_COMMANDS, CompensationForced, CompensationRefused, CompensationRequested, DeadLetterResolved,
 )
 from choreo.retry import RetryPolicy
-from choreo.saga import SagaFailed
+from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
 from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
 
@@ -105,6 +105,7 @@ class Processor(Parking, Timers):
         self._starts = dict(service.sagas)  # the sagas this service ends, by start event type
         self._sagas = {d.name: d for d in self._starts.values()}
         self._check_size = type(self.own).oversized is not ServiceStore.oversized
+        self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
         self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
@@ -233,10 +234,21 @@ class Processor(Parking, Timers):
             if pool is not None:
                 pool.shutdown(wait=True)
 
+    def _bypass(self, event_type: str) -> bool:
+        """Whether a failure of this type goes ahead of a parked event of its saga: only to compensate.
+
+        Not in the service that ends sagas (it reads every outcome in order), nor where a
+        plain handler reacts to the failure (it would run ahead of the parked event).
+        """
+        return self._has_steps and not self._starts and all(
+            h.kind == "step" for h in self.service.handlers.get(event_type, ()))
+
     def _is_command(self, env: Envelope) -> bool:
         return env.type in OPERATOR_COMMANDS and self._relevant(env)
 
     def _relevant(self, env: Envelope) -> bool:
+        if env.type in SAGA_ENDS and env.service == self.service.name:
+            return False  # its own end of a saga: it cancelled its deadlines when it ended the saga
         if (
             env.type in self._types
             or (self._has_steps and env.outcome == Outcome.FAILED)
@@ -395,11 +407,11 @@ class Processor(Parking, Timers):
         held = (env.saga_id in self.held or env.saga_id in uow.holds) and env.saga_id not in uow.released
         # A failure goes ahead of a parked event in a participant: compensation must not wait. The
         # service that ends the saga reads every outcome in order, so for it the failure waits too.
-        if held and not (failure and self._has_steps and not self._starts):
+        if held and not (failure and self._bypass(env.type)):
             raise Park("held behind an earlier parked event of this saga", "")
         mark = len(uow.emitted)
         event: Event | None = None
-        if env.type in self._types or (failure and self._has_steps) or not is_known_type(env.type):
+        if env.type in self.service.handlers or (failure and self._has_steps) or not is_known_type(env.type):
             try:
                 event = decode_payload(env.type, env.version, env.payload)
             except EventError as e:
@@ -576,7 +588,7 @@ class Processor(Parking, Timers):
             ctx = Context(uow, end_env)
             for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
                 uow.emit(out, end_env)
-        self._cancel_deadlines(env.saga_id, env, uow)
+        self._cancel_deadlines(env, uow)
 
 
 def wait_for_retries(processors: Sequence[Processor], limit: float) -> bool:

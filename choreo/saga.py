@@ -11,7 +11,12 @@ from choreo.events import Event, is_event_class
 
 @dataclass(frozen=True)
 class SagaDefinition:
-    """A saga type: the event that starts it, its steps in order, and the events that end it."""
+    """A saga type: the event that starts it, its steps in order, and the events that end it.
+
+    The steps run one after another, each triggered by an event of the one before (or by
+    the start event): that is how the service that starts the saga knows, after a failure,
+    that no further step can still be running. `System` refuses two steps with one trigger.
+    """
 
     name: str
     start: type[Event]

@@ -40,9 +40,18 @@ class System:
                         f"event {cls.event_type!r} is started by two services: {other!r} and {s.name!r}"
                     )
         for saga in self.sagas:
+            triggers: dict[str, str] = {}
             for step in saga.steps:
                 if step not in self.step_owners:
                     raise WiringError(f"saga {saga.name!r}: no service owns step {step!r}")
+                trigger = self.services[self.step_owners[step]].steps[step].event_type
+                other = triggers.setdefault(trigger.event_type if trigger else "", step)
+                if other != step:
+                    raise WiringError(
+                        f"saga {saga.name!r}: steps {other!r} and {step!r} both start on {trigger.__name__ if trigger else '?'}; "
+                        "choreo ends sagas whose steps run one after another (each triggered by the one before), "
+                        "so parallel steps are not supported yet"
+                    )
             if saga.start.event_type not in self.origins:
                 raise WiringError(
                     f"saga {saga.name!r}: no service declares starts=[{saga.start.__name__}]"
