@@ -79,6 +79,12 @@ def _projection(args: argparse.Namespace, store: EventStore) -> SagaProjection:
             print(f"choreo: warning: {why}; showing it as stored (--no-update)", file=sys.stderr)
         return projection
     projection = SagaProjection(store, sagas=_definitions(args), stuck_after=stuck)
+    stored = projection.documents.meta().get("catalog")
+    if stored is not None and stored != projection.meta["catalog"]:
+        # a query never rebuilds what `choreo project` keeps for other definitions: it reads it as it is
+        print(f"choreo: warning: {projection.outdated()}; showing it as stored (run `choreo replay` to rebuild "
+              "it with these definitions)", file=sys.stderr)
+        return SagaProjection(store, sagas=_definitions(args), stuck_after=stuck, read_only=True)
     projection.update()
     return projection
 

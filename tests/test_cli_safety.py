@@ -181,3 +181,25 @@ def test_demo_refuses_a_store_holding_other_data_unless_reset(
     assert main(["demo", "--orders", "5", "--store", f"sqlite:///{mine}", "--seed", "3", "--keep"]) == 0
     assert main(["demo", "--orders", "5", "--store", f"sqlite:///{tmp_path}/new.db"]) == 0
     capsys.readouterr()
+
+
+def test_a_query_with_other_saga_definitions_reads_the_projection_and_never_rebuilds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/p.db"
+    store = open_store(url)
+    saga = system.start(store, order(1))
+    Runner(system, store).run_until_idle()
+    store.close()
+    assert main(["sagas", "list", "--store", url, "--system", "services:system", "--json"]) == 0
+    built = capsys.readouterr().out
+    (tmp_path / "bare_system.py").write_text(
+        "from choreo import System\nfrom services import SERVICES\nsystem = System(SERVICES)\n")
+    monkeypatch.chdir(tmp_path)  # MODULE:ATTR targets are found in the current directory
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    assert main(["sagas", "list", "--store", url, "--system", "bare_system:system", "--json"]) == 0
+    seen = capsys.readouterr()
+    assert "other saga definitions" in seen.err and "choreo replay" in seen.err
+    assert saga in seen.out and '"saga_type": "order_fulfilment"' in seen.out  # read as stored, not refolded
+    assert main(["sagas", "list", "--store", url, "--system", "services:system", "--json"]) == 0
+    assert capsys.readouterr().out == built  # and the stored projection is untouched
