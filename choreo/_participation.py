@@ -48,22 +48,27 @@ class Participation(Aggregate):
 
     @event("StepCompleted")
     def step_completed(self, step: str, event_id: str, event_type: str, version: int, payload: str) -> None:
+        """Record that this service completed `step`, with its completion event (to compensate it later)."""
         self.completed[step] = completion(event_id, event_type, version, payload)
 
     @event("StepFailed")
     def step_failed(self, step: str) -> None:
+        """Record that this service's `step` failed."""
         self.failed_steps.append(step)
 
     @event("FailureSeen")
     def failure_seen(self, event_id: str) -> None:
+        """Record that this service saw the saga fail (event `event_id`)."""
         self.failure_event_id = event_id
 
     @event("StepCompensated")
     def step_compensated(self, step: str) -> None:
+        """Record that this service compensated `step`."""
         self.compensated.append(step)
 
     @event("StepSkipped")
     def step_skipped(self, step: str) -> None:
+        """Record that `step` was skipped: its trigger came after the saga failed."""
         self.skipped.append(step)
 
     def to_compensate(self) -> list[str]:
@@ -73,18 +78,22 @@ class Participation(Aggregate):
     # -- the starter's view of the whole saga ---------------------------------------------
     @event("SagaTracked")
     def track(self, saga_type: str) -> None:
+        """Record which saga definition this saga follows (its start event was read)."""
         self.saga_type = saga_type
 
     @event("OutcomeObserved")
     def observe(self, step: str, outcome: str) -> None:
+        """Record that `step` was seen with `outcome`."""
         self.observed.setdefault(outcome, set()).add(step)
 
     @event("SagaFailureObserved")
     def observe_failure(self, event_id: str, event_type: str, step: str | None, reason: str) -> None:
+        """Record the saga's first failure: the event, its type, the step that failed (if any), the reason."""
         self.saga_failure = {"event_id": event_id, "type": event_type, "step": step, "reason": reason}
 
     @event("SagaEnded")
     def end(self, outcome: str) -> None:
+        """Record that the saga ended (`completed` or `failed`)."""
         self.ended = outcome
 
     def steps_with(self, outcome: str) -> set[str]:

@@ -56,7 +56,7 @@ class Timers:
     def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation:
         raise NotImplementedError
 
-    async def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
+    async def _failed(self, uow: UnitOfWork, failure: Envelope) -> Participation:
         raise NotImplementedError
 
     async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
@@ -135,10 +135,7 @@ class Timers:
                     if not fails:
                         continue
                     if self._has_steps:
-                        part = self._participation(uow, timer.saga_id)
-                        if not part.saga_failed:
-                            part.failure_seen(expired.event_id)
-                            await self._compensate(part, expired, uow)
+                        await self._failed(uow, expired)
                     if mine is not None and mine.saga_type is not None:
                         observe(mine, expired)  # the starter knows at once: the saga can no longer complete
                 uow.deadlines.append(replace(timer, status=FIRED))

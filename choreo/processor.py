@@ -144,7 +144,7 @@ class Processor(Parking, Timers):
         except Exception as e:
             self._stale = True
             log.warning("%s: %s: %s; nothing is skipped: resuming from the last committed position %s",
-                        self.service.name, type(e).__name__, e, self.own_tracking_text())
+                        self.service.name, type(e).__name__, e, self._tracking_text())
             raise
         return len(batch)
 
@@ -162,7 +162,7 @@ class Processor(Parking, Timers):
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         return await call(fn, *args)
 
-    def own_tracking_text(self) -> str:
+    def _tracking_text(self) -> str:
         """The committed tracking as text for a log line (or why it cannot be read now)."""
         try:
             return str(self.own.tracking() or "(the start)")
@@ -417,10 +417,7 @@ class Processor(Parking, Timers):
             except EventError as e:
                 raise Park(f"undecodable: {e}", str(e)) from None
         if failure and self._has_steps:
-            part = self._participation(uow, env.saga_id)
-            if not part.saga_failed:
-                part.failure_seen(env.event_id)
-                await self._compensate(part, env, uow)
+            part = await self._failed(uow, env)
             if held:
                 await self._skip_parked_steps(part, env, uow)
         if event is not None:
@@ -469,10 +466,8 @@ class Processor(Parking, Timers):
             for out in ctx.extra:
                 uow.emit(out, env)
             failed = uow.emit(failure.event, env, step=step, outcome=Outcome.FAILED)
-            part = part or self._participation(uow, env.saga_id)
-            part.step_failed(step)
-            part.failure_seen(failed.event_id)
-            await self._compensate(part, failed, uow)
+            (part or self._participation(uow, env.saga_id)).step_failed(step)
+            await self._failed(uow, failed)
             return
         outs = as_events(handler, result)
         if len(outs) != 1:
@@ -489,6 +484,14 @@ class Processor(Parking, Timers):
             part.step_completed(step, done.event_id, done.type, done.version, done.payload)
         for out in ctx.extra:
             uow.emit(out, env)
+
+    async def _failed(self, uow: UnitOfWork, failure: Envelope) -> Participation:
+        """The saga failed (`failure`): the first time, record it and compensate every completed step."""
+        part = self._participation(uow, failure.saga_id)
+        if not part.saga_failed:
+            part.failure_seen(failure.event_id)
+            await self._compensate(part, failure, uow)
+        return part
 
     async def _compensate(self, part: Participation, cause: Envelope, uow: UnitOfWork) -> None:
         """Run the compensation of every step this service completed in the saga, once."""
@@ -517,7 +520,7 @@ class Processor(Parking, Timers):
         for letter in await self._io(self.own.dead_letters, None):
             if letter.status not in HOLDING or letter.saga_id != failure.saga_id or letter.id in done:
                 continue
-            step = next((h.step for h in self.service.handlers.get(letter.type, ()) if h.kind == "step"), None)
+            step = self._step_of(letter.type)
             if step is None:
                 remaining = True
                 continue
@@ -548,10 +551,7 @@ class Processor(Parking, Timers):
         else:
             forced = uow.emit(CompensationForced(reason=command.reason), env, outcome=Outcome.FAILED, tag="forced")
             if self._has_steps:
-                mine = part or self._participation(uow, env.saga_id)
-                if not mine.saga_failed:
-                    mine.failure_seen(forced.event_id)
-                    await self._compensate(mine, forced, uow)
+                await self._failed(uow, forced)
             if self._starts:  # remember the failure now: a completion read later cannot end the saga
                 record = part or self._participation(uow, env.saga_id)
                 observe(record, forced)

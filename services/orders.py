@@ -92,8 +92,8 @@ def cancel(failed: SagaFailed, ctx: Context) -> OrderCancelled:
         why = f"forced by operator: {failed.reason}"
     else:
         why = FAILURE_REASONS.get(failed.failure_type, failed.reason or "failed")
-    return OrderCancelled(order_id=order.order_id, reason=f"{failed.failed_step or ''}: {why}",
-                          compensated=failed.compensated)
+    reason = f"{failed.failed_step}: {why}" if failed.failed_step else why
+    return OrderCancelled(order_id=order.order_id, reason=reason, compensated=failed.compensated)
 
 
 @service.deadline("fulfilment", start_on=OrderPlaced, after=FULFILMENT_DEADLINE)

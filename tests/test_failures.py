@@ -63,7 +63,7 @@ def test_a_thousand_bad_records_are_parked_and_every_good_saga_ends(tmp_path: Pa
     letters = list_dead_letters(store, SERVICES)
     reasons = {d.event_id: d.reason for d in letters}
     assert set(reasons) == set(bad)  # every bad record, and nothing else, is parked
-    expected = {"garbage": "undecodable", "unknown": "unknown event type", "invalid": "OrderPlaced.order_id",
+    expected = {"garbage": "payload is a BLOB", "unknown": "unknown event type", "invalid": "OrderPlaced.order_id",
                 "no saga": "missing saga id"}
     for event_id, kind in bad.items():
         assert expected[kind] in reasons[event_id], (kind, reasons[event_id])
