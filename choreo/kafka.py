@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from choreo._kafka_records import WIRE_FIELDS, decode_record, encode_record, record_size
 from choreo._kafka_relay import _KafkaServiceStore
-from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreURLError
+from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreNotFound, StoreURLError
 from choreo.events import Envelope
 from choreo.sqlite import SQLiteStore
 from choreo.store import DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name
@@ -127,7 +127,7 @@ class KafkaStore(EventStore):
 
     idle_timeout = 0.5
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, *, create: bool = True) -> None:
         settings.state = settings.state or os.environ.get("CHOREO_STATE") or os.path.join("choreo-state", settings.topic)
         request_max = int(settings.producer.get("max_request_size", _MAX_REQUEST_SIZE))
         if settings.max_event_bytes <= 0:
@@ -142,7 +142,10 @@ class KafkaStore(EventStore):
         self._guard = threading.Lock()
         self._local: dict[tuple[str, str], SQLiteStore] = {}
         self._producer: KafkaProducer | None = None
-        os.makedirs(settings.state, exist_ok=True)
+        #: opened to read only (`open_store(url, create=False)`): no topic, folder or file is created
+        self.read_only = not create
+        if create:
+            os.makedirs(settings.state, exist_ok=True)
         if not _FAST_CRC:
             log.warning("the crc32c package is not installed: kafka-python checks record CRCs in pure "
                         "Python, which halves throughput (pip install 'choreo[kafka]')")
@@ -161,7 +164,10 @@ class KafkaStore(EventStore):
             attempt += 1
             try:
                 self._reachable()
-                self._create_topic()
+                if self.read_only:
+                    self._require_topic()
+                else:
+                    self._create_topic()
                 return
             except KafkaError as e:
                 if time.monotonic() >= deadline:
@@ -171,6 +177,15 @@ class KafkaStore(EventStore):
                     ) from None
                 log.warning("waiting for Kafka at %s (attempt %d): %s", self.settings.servers, attempt, e)
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    def _require_topic(self) -> None:
+        """Raise `StoreNotFound` unless the topic exists (a read-only store creates nothing)."""
+        consumer = KafkaConsumer(**self._common())
+        try:
+            if not consumer.partitions_for_topic(self.topic):
+                raise StoreNotFound(f"no Kafka topic {self.topic!r} at {self.settings.servers}")
+        finally:
+            consumer.close()
 
     def _create_topic(self) -> None:
         """Create the topic with choreo's partition count, unless it exists."""
@@ -325,16 +340,23 @@ class KafkaStore(EventStore):
         with self._guard:
             if (file, durability) not in self._local:
                 self._local[file, durability] = SQLiteStore(
-                    os.path.join(self.settings.state, file), durability=durability, dedupe=True
+                    os.path.join(self.settings.state, file), durability=durability, dedupe=True,
+                    create=not self.read_only,
                 )
             return self._local[file, durability]
 
     def service(self, name: str) -> ServiceStore:
         check_service_name(name)
+        if self.read_only and not os.path.exists(os.path.join(self.settings.state, f"svc-{name}.db")):
+            raise StoreNotFound(f"no service {name!r} in {self.settings.state} (its state for topic {self.topic!r})")
         return _KafkaServiceStore(self, name)
 
     def documents(self, name: str) -> DocumentStore:
         check_service_name(name)
+        if self.read_only and not os.path.exists(os.path.join(self.settings.state, "readmodels.db")):
+            from choreo.memory import InMemoryStore
+
+            return InMemoryStore().documents(name)  # never written: it reads as empty
         return self.local("readmodels.db").documents(name)
 
     # -- after the broker lost data ------------------------------------------------------
@@ -548,11 +570,15 @@ class _KafkaFeed(Feed):
         self.consumer.close()
 
 
-def open_kafka(url: str, **options: Any) -> KafkaStore:
-    """Open the Kafka store named by a `kafka://` URL; keyword options override URL settings."""
+def open_kafka(url: str, *, create: bool = True, **options: Any) -> KafkaStore:
+    """Open the Kafka store named by a `kafka://` URL; keyword options override URL settings.
+
+    With `create=False` it reads only: a missing topic, service or read model raises
+    `StoreNotFound` (or reads as empty), and no topic, folder or file is created.
+    """
     settings = KafkaSettings.from_url(url)
     for key, value in options.items():
         if not hasattr(settings, key):
             raise StoreURLError(f"unknown Kafka setting {key!r}")
         setattr(settings, key, value)
-    return KafkaStore(settings)
+    return KafkaStore(settings, create=create)

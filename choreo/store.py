@@ -447,8 +447,8 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
 
     With `create=False` the store is opened to read only and nothing is created or
     written: on SQLite a missing file raises `StoreNotFound` naming it, and so does
-    `service(name)` of a service without tables. A memory store is new either way, and
-    on Kafka `create` is ignored.
+    `service(name)` of a service without tables. A memory store is new either way. On
+    Kafka the topic must exist and no topic, state folder or file is created.
     """
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
     parts = urlsplit(url)
@@ -473,7 +473,7 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
     if parts.scheme == "kafka":
         from choreo.kafka import open_kafka
 
-        return open_kafka(url, **options)
+        return open_kafka(url, create=create, **options)
     raise StoreURLError(
         f"unsupported store URL {url!r}: expected sqlite:///PATH, kafka://HOST:PORT or memory://"
     )

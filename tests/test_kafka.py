@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -185,3 +186,21 @@ def _same(env, **changes):  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     return replace(env, **changes)
+
+
+def test_a_read_only_kafka_store_creates_no_topic_folder_or_file(kafka_url: str, tmp_path: Path) -> None:
+    from choreo.errors import StoreNotFound
+
+    state = tmp_path / "state"
+    with pytest.raises(StoreNotFound, match="no Kafka topic"):
+        open_store(kafka_url, create=False)
+    assert not state.exists()
+    open_store(kafka_url).close()  # a writer creates the topic (and the state folder)
+    reader = open_store(kafka_url, create=False)
+    try:
+        with pytest.raises(StoreNotFound, match="no service 'payment'"):
+            reader.service("payment")
+        assert list(reader.documents("sagas").scan()) == [] and reader.documents("sagas").tracking() == {}
+    finally:
+        reader.close()
+    assert sorted(p.name for p in state.iterdir()) == []  # no service or read-model file was made

@@ -42,7 +42,7 @@ def test_bad_store_urls_say_what_is_wrong(url: str, match: str, tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_read_only_is_accepted_for_every_scheme_and_means_nothing_to_kafka() -> None:
+def test_read_only_is_accepted_for_every_scheme() -> None:
     from choreo.errors import StoreError
 
     assert open_store("memory://", create=False).read_only is False  # a new memory store either way
