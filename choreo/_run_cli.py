@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from choreo._cli_common import (
-    UsageError, add_command, add_store_option, cwd_on_path, load, positive_int, positive_seconds,
+    UsageError, add_command, add_store_option, cwd_on_path, load, non_negative_int, positive_int, positive_seconds,
 )
 from choreo.retry import RetryPolicy
 from choreo.runner import run_service
@@ -54,6 +54,10 @@ def add_run_commands(sub: Any) -> None:
                      help="events per transaction (default: %(default)s)")
     run.add_argument("--max-attempts", type=positive_int, default=3,
                      help="tries before an event is parked (default: %(default)s)")
+    run.add_argument("--concurrency", type=positive_int, default=None,
+                     help="sagas handled at once (default: the service's; 256 with async handlers, else 1)")
+    run.add_argument("--threads", type=non_negative_int, default=None,
+                     help="run plain handlers in a pool of this many threads (default: the service's, 0)")
     run.add_argument("--reset-positions", action="store_true",
                      help="first reset the service's positions in the log (Kafka, after the log lost data)")
     run.set_defaults(func=_run)
@@ -95,7 +99,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     service = load_service(args.target)
-    store = open_store(args.store, create=not args.reset_positions)  # no reset of a store that does not exist
+    if args.reset_positions:  # no reset of a store that does not exist
+        open_store(args.store, create=False).close()
+    store = open_store(args.store)
     choreo_log = logging.getLogger("choreo")
     level = choreo_log.level
     try:
@@ -107,7 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         # and collects young objects less often (a batch allocates many short-lived ones).
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
-        run_service(service, store, batch_size=args.batch_size, retry=RetryPolicy(max_attempts=args.max_attempts))
+        run_service(service, store, batch_size=args.batch_size, retry=RetryPolicy(max_attempts=args.max_attempts),
+                    concurrency=args.concurrency, threads=args.threads)
     finally:
         store.close()
         choreo_log.setLevel(level)
