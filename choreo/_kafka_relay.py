@@ -90,7 +90,10 @@ class _KafkaServiceStore(ServiceStore):
         self.inner.commit(**changes)
         if changes.get("emitted"):
             self._unsent = True
-            self.flush()
+            try:  # the commit is durable: a broker that does not answer now only delays the relay
+                self.flush()
+            except StoreError as e:
+                log.warning("%s: committed; publishing waits for Kafka: %s", self.name, e)
 
     def oversized(self, env: Envelope) -> str | None:
         """Why the topic cannot take `env` (its Kafka record is over `max_event_bytes`), or None."""
