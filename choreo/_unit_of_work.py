@@ -146,8 +146,11 @@ class UnitOfWork:
         self.cache.evict(self.touched())
 
 
-class Busy(Exception):
-    """An aggregate is claimed by another saga's handler still running; try again when it is done."""
+class Busy(BaseException):
+    """An aggregate is claimed by another saga's handler still running; try again when it is done.
+
+    A `BaseException`, so that a handler's own `except Exception` does not swallow it.
+    """
 
     def __init__(self, done: asyncio.Event) -> None:
         self.done = done
