@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from copy import deepcopy
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -158,24 +158,36 @@ class Busy(BaseException):
 
 
 class Claims:
-    """Which view holds each aggregate of the batch (safe to use from handler threads)."""
+    """Which view holds each aggregate of the batch, and who waits for it (safe from handler threads).
+
+    Those that found an aggregate claimed wait in line for it: its release wakes the first
+    one only, so a hot aggregate is handed from one handler to the next, not fought over.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._holders: dict[UUID, SagaView] = {}
+        self._waiting: dict[UUID, deque[asyncio.Event]] = {}
 
     def take(self, agg_id: UUID, view: SagaView) -> None:
         with self._lock:
             holder = self._holders.setdefault(agg_id, view)
-        if holder is not view:
-            raise Busy(holder.done)
+            if holder is view:
+                return
+            turn = asyncio.Event()
+            self._waiting.setdefault(agg_id, deque()).append(turn)
+        raise Busy(turn)
 
     def release(self, view: SagaView) -> None:
         with self._lock:
             for agg_id in view.aggregates:
                 if self._holders.get(agg_id) is view:
                     del self._holders[agg_id]
-        view.done.set()
+                    line = self._waiting.get(agg_id)
+                    if line:
+                        line.popleft().set()
+                        if not line:
+                            del self._waiting[agg_id]
 
 
 class SagaView(UnitOfWork):
@@ -185,7 +197,6 @@ class SagaView(UnitOfWork):
         super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache)
         self.batch = batch
         self.claims = claims
-        self.done = asyncio.Event()
         self.resolved = list(batch.resolved)
         self.released = set(batch.released)
         self.holds = batch.holds  # kept by the batch: sagas that failed earlier in it
@@ -195,7 +206,7 @@ class SagaView(UnitOfWork):
             return self.aggregates[agg_id]
         self.claims.take(agg_id, self)
         agg = self.batch.get(agg_id)
-        self.aggregates[agg_id] = mine = deepcopy(agg) if agg is not None else None
+        self.aggregates[agg_id] = mine = _copy(agg) if agg is not None else None
         return mine
 
     def add(self, agg: Aggregate) -> None:
@@ -206,6 +217,9 @@ class SagaView(UnitOfWork):
         """Make what this view did part of the batch (it succeeded)."""
         for agg_id, agg in self.aggregates.items():
             if agg is not None:
+                before = self.batch.aggregates.get(agg_id)
+                if before is not None:  # the batch's events of it come first, then this view's
+                    agg._pending_events[:0] = before._pending_events
                 self.batch.aggregates[agg_id] = agg
         self.batch.emitted.extend(self.emitted)
         self.batch.deadlines.extend(self.deadlines)
@@ -215,3 +229,12 @@ class SagaView(UnitOfWork):
 
     def discard(self) -> None:
         """Drop what this view did: its copies were never seen by anyone else."""
+
+
+def _copy(agg: Aggregate) -> Aggregate:
+    """A private copy of an aggregate's state, without the events the batch has not committed yet."""
+    pending, agg._pending_events = agg._pending_events, []
+    try:
+        return deepcopy(agg)
+    finally:
+        agg._pending_events = pending
