@@ -13,7 +13,7 @@ from typing import ClassVar
 from uuid import uuid4
 
 from choreo import clock
-from choreo.errors import ChoreoError, CommandRefused, DeadLetterNotFound, SagaNotFound
+from choreo.errors import CommandRefused, DeadLetterNotFound, SagaNotFound
 from choreo.events import Envelope, Event, Outcome, encode_payload
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.store import DeadLetter, EventStore

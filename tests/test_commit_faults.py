@@ -19,11 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from uuid import NAMESPACE_URL, uuid5
+from uuid import uuid5
 
 import pytest
 
-from choreo import Envelope, Processor, Runner, StoreError, clock, open_store
+from choreo import Envelope, Runner, StoreError, clock, open_store
 from choreo.operations import list_dead_letters
 from choreo.sqlite import SQLiteStore
 from services import TARGETS, system
