@@ -91,8 +91,8 @@ class Processor(Parking, Timers):
         self.held: set[str] = set()
         #: when the earliest scheduled retry is due (None: none is)
         self.next_retry_at: datetime | None = None
-        self.concurrency = concurrency or service.effective_concurrency()
         self.threads = service.threads if threads is None else threads
+        self.concurrency = concurrency or service.effective_concurrency(self.threads)
         #: whether batches run in an event loop (async handlers, several sagas at once, or threads)
         self.needs_loop = service.has_async_handlers or self.concurrency > 1 or self.threads > 0
         #: whether store calls run in a worker thread, so that they never block the loop (embedded use)
@@ -158,8 +158,11 @@ class Processor(Parking, Timers):
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call a handler: a plain one in the thread pool if the service has one, an async one awaited."""
-        if self._pool is not None and not is_async(fn):
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        if not is_async(fn):
+            if self._pool is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            if self.offload:  # it may read the store (ctx.load): not on the application's loop
+                return await self._io(fn, *args)
         return await call(fn, *args)
 
     def _tracking_text(self) -> str:

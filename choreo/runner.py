@@ -195,24 +195,40 @@ class AsyncRunner:
         return await asyncio.to_thread(self.system.start, self.store, event, saga_id=saga_id)
 
     async def __aenter__(self) -> AsyncRunner:
-        for name in self.names:
-            processor = await asyncio.to_thread(Processor, self.system[name], self.store, **self.options)
-            processor.offload = True
-            self.processors.append(processor)
+        try:
+            for name in self.names:
+                processor = await asyncio.to_thread(Processor, self.system[name], self.store, **self.options)
+                processor.offload = True
+                self.processors.append(processor)
+        except BaseException:
+            await self._close()
+            raise
         self._stop.clear()
-        self._tasks = [asyncio.create_task(arun_processor(p, self._stop), name=f"choreo-{p.service.name}")
-                       for p in self.processors]
+        for p in self.processors:
+            task = asyncio.create_task(arun_processor(p, self._stop), name=f"choreo-{p.service.name}")
+            task.add_done_callback(_report_stopped)
+            self._tasks.append(task)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
-        try:
-            await asyncio.gather(*self._tasks)
-        finally:
-            for p in self.processors:
-                await asyncio.to_thread(p.close)
-            self.processors.clear()
-            self._tasks.clear()
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._close()
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+        if errors:
+            raise errors[0]
+
+    async def _close(self) -> None:
+        for p in self.processors:
+            await asyncio.to_thread(p.close)
+        self.processors.clear()
+
+
+def _report_stopped(task: asyncio.Task[None]) -> None:
+    """Say at once when a service's task stopped for good (an operator must act), not only at shutdown."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %s", task.get_name(), task.exception(), exc_info=task.exception())
 
 
 def _start(service: Service, store: EventStore, stop: threading.Event, options: dict[str, Any]) -> Processor | None:

@@ -196,14 +196,15 @@ class Service:
                     *(h for hs in self.handlers.values() for h in hs)]
         return any(is_async(h.fn) for h in handlers) or any(is_async(d.fn) for d in self.deadlines.values())
 
-    def effective_concurrency(self) -> int:
+    def effective_concurrency(self, threads: int | None = None) -> int:
         """How many sagas the service handles at once: `concurrency` if set, else 256 when a
-        handler is `async def`, the thread count when sync handlers run in threads, else 1."""
+        handler is `async def`, the thread count when sync handlers run in threads (this
+        service's, or `threads`), else 1."""
         if self.concurrency is not None:
             return self.concurrency
         if self.has_async_handlers:
             return 256
-        return max(1, self.threads)
+        return max(1, self.threads if threads is None else threads)
 
     def retry_policy(self, event_type: str) -> RetryPolicy | None:
         """The retry policy for events of `event_type`: the handler's, else the service's."""
