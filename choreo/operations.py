@@ -16,7 +16,7 @@ from choreo import clock
 from choreo.errors import CommandRefused, DeadLetterNotFound, SagaNotFound
 from choreo.events import Envelope, Event, Outcome, encode_payload
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
-from choreo.store import DeadLetter, EventStore
+from choreo.store import HOLDING, DeadLetter, EventStore
 
 
 class HandlerRetried(Event):
@@ -134,7 +134,11 @@ def find_dead_letter(store: EventStore, ref: str) -> DeadLetter:
 
 
 def request_retry(store: EventStore, letter: DeadLetter, reason: str = "") -> str:
-    """Ask the letter's service to run it again, then what waits behind it; return the request's event id."""
+    """Ask the letter's service to run it again, then what waits behind it; return the request's event id.
+
+    Refused (`CommandRefused`, nothing written) for a letter that is not waiting any more.
+    """
+    _waiting(letter)
     return _request(store, letter.saga_id, RetryRequested(service=letter.service, dead_letter_id=letter.id or 0,
                                                           reason=reason))
 
@@ -143,6 +147,7 @@ def request_skip(store: EventStore, letter: DeadLetter, reason: str) -> str:
     """Ask the letter's service to mark it handled without running it; return the request's event id."""
     if not reason:
         raise CommandRefused("skipping a parked event needs a reason")
+    _waiting(letter)
     return _request(store, letter.saga_id, SkipRequested(service=letter.service, dead_letter_id=letter.id or 0,
                                                          reason=reason))
 
@@ -214,6 +219,15 @@ def saga_status(store: EventStore, saga_id: str, sagas: Iterable[SagaDefinition]
         if not failing and any(d.steps and set(d.steps) <= completed for d in started):
             return SagaStatus(saga_id, count, "completed", f"{kind} (every step completed)", starter)
     return SagaStatus(saga_id, count, "compensating" if failing else "running", None, starter)
+
+
+def _waiting(letter: DeadLetter) -> None:
+    """Refuse a command on a dead letter that no longer waits (it was retried or skipped already)."""
+    if letter.status not in HOLDING:
+        raise CommandRefused(
+            f"dead letter {letter.service}:{letter.id} is {letter.status}, not waiting: nothing was written",
+            state=letter.status,
+        )
 
 
 def _request(store: EventStore, saga_id: str, event: Event, outcome: str | None = None) -> str:
