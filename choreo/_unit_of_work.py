@@ -152,8 +152,9 @@ class Busy(BaseException):
     A `BaseException`, so that a handler's own `except Exception` does not swallow it.
     """
 
-    def __init__(self, done: asyncio.Event) -> None:
+    def __init__(self, done: asyncio.Event, agg_id: UUID) -> None:
         self.done = done
+        self.agg_id = agg_id
         super().__init__("aggregate claimed by another handler")
 
 
@@ -176,27 +177,36 @@ class Claims:
                 return
             turn = asyncio.Event()
             self._waiting.setdefault(agg_id, deque()).append(turn)
-        raise Busy(turn)
+        raise Busy(turn, agg_id)
 
     def release(self, view: SagaView) -> None:
+        """Release what `view` holds, waking the next in line for each; and if `view` was woken for an
+        aggregate it did not take after all, pass its turn on (nobody is left waiting for a free one)."""
         with self._lock:
             for agg_id in view.aggregates:
                 if self._holders.get(agg_id) is view:
                     del self._holders[agg_id]
-                    line = self._waiting.get(agg_id)
-                    if line:
-                        line.popleft().set()
-                        if not line:
-                            del self._waiting[agg_id]
+                    self._wake(agg_id)
+            if view.woken_for is not None and view.woken_for not in self._holders:
+                self._wake(view.woken_for)
+
+    def _wake(self, agg_id: UUID) -> None:
+        line = self._waiting.get(agg_id)
+        if line:
+            line.popleft().set()
+            if not line:
+                del self._waiting[agg_id]
 
 
 class SagaView(UnitOfWork):
     """One event's handling inside a batch: private copies of what it touches, merged when it succeeds."""
 
-    def __init__(self, batch: UnitOfWork, claims: Claims) -> None:
+    def __init__(self, batch: UnitOfWork, claims: Claims, woken_for: UUID | None = None) -> None:
         super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache)
         self.batch = batch
         self.claims = claims
+        #: the aggregate whose release woke this view (run again after a `Busy`), if any
+        self.woken_for = woken_for
         self.resolved = list(batch.resolved)
         self.released = set(batch.released)
         self.holds = batch.holds  # kept by the batch: sagas that failed earlier in it

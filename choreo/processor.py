@@ -342,13 +342,15 @@ class Processor(Parking, Timers):
     async def _handle_in_view(self, env: Envelope, uow: UnitOfWork, claims: Claims,
                               letters: list[DeadLetter]) -> None:
         """Handle one event in its own view of the batch; a failure becomes a letter of the batch."""
+        woken_for = None
         while True:
-            view = SagaView(uow, claims)
+            view = SagaView(uow, claims, woken_for)
             try:
                 await self._handle(env, view)
             except Busy as busy:  # another saga's handler holds an aggregate: run again after it
                 claims.release(view)
                 await busy.done.wait()
+                woken_for = busy.agg_id
                 continue
             except Exception as e:
                 claims.release(view)
