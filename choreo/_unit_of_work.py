@@ -75,6 +75,10 @@ class UnitOfWork:
         self.released: set[str] = set()
         #: sagas held by a failure in this batch (their later events in it wait behind)
         self.holds: set[str] = set()
+        #: dead letters of this batch's failures (several sagas at once), written with its commit
+        self.letters: list[DeadLetter] = []
+        #: those of them resolved as skipped before the commit (a failure of their saga followed), by event id
+        self.skipped_new: dict[str, DeadLetter] = {}
         self._emit_counts: dict[str, int] = {}
 
     def get(self, agg_id: UUID) -> Aggregate | None:
@@ -123,6 +127,10 @@ class UnitOfWork:
         )
         self.emitted.append(env)
         return env
+
+    def batch_letters(self) -> list[DeadLetter]:
+        """The dead letters this batch made so far and has not committed yet."""
+        return self.letters
 
     def stored_events(self) -> list[StoredEvent]:
         """Take the pending events of every aggregate touched, as stored events."""
@@ -210,6 +218,7 @@ class SagaView(UnitOfWork):
         self.resolved = list(batch.resolved)
         self.released = set(batch.released)
         self.holds = batch.holds  # kept by the batch: sagas that failed earlier in it
+        self.skipped_new = dict(batch.skipped_new)
 
     def get(self, agg_id: UUID) -> Aggregate | None:
         if agg_id in self.aggregates:
@@ -222,6 +231,9 @@ class SagaView(UnitOfWork):
     def add(self, agg: Aggregate) -> None:
         self.claims.take(agg.id, self)
         self.aggregates[agg.id] = agg
+
+    def batch_letters(self) -> list[DeadLetter]:
+        return self.batch.letters
 
     def merge(self) -> None:
         """Make what this view did part of the batch (it succeeded)."""
@@ -236,6 +248,7 @@ class SagaView(UnitOfWork):
         known = {d.id for d in self.batch.resolved}
         self.batch.resolved.extend(d for d in self.resolved if d.id not in known)
         self.batch.released |= self.released
+        self.batch.skipped_new.update(self.skipped_new)
 
     def discard(self) -> None:
         """Drop what this view did: its copies were never seen by anyone else."""

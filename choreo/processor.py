@@ -324,7 +324,6 @@ class Processor(Parking, Timers):
 
     async def _run_segment(self, segment: Sequence[Envelope]) -> None:
         uow, claims = self._new_uow(), Claims()
-        letters: list[DeadLetter] = []
         chains: dict[str, list[Envelope]] = {}
         for env in segment:
             if self._relevant(env):
@@ -334,13 +333,13 @@ class Processor(Parking, Timers):
         async def run(chain: list[Envelope]) -> None:
             async with gate:
                 for env in chain:
-                    await self._handle_in_view(env, uow, claims, letters)
+                    await self._handle_in_view(env, uow, claims)
 
         await asyncio.gather(*(run(chain) for chain in chains.values()))
+        letters = [uow.skipped_new.get(d.event_id, d) for d in uow.letters]
         await self._commit_segment(uow, segment, parked=letters)
 
-    async def _handle_in_view(self, env: Envelope, uow: UnitOfWork, claims: Claims,
-                              letters: list[DeadLetter]) -> None:
+    async def _handle_in_view(self, env: Envelope, uow: UnitOfWork, claims: Claims) -> None:
         """Handle one event in its own view of the batch; a failure becomes a letter of the batch."""
         woken_for = None
         while True:
@@ -354,7 +353,7 @@ class Processor(Parking, Timers):
                 continue
             except Exception as e:
                 claims.release(view)
-                letters.append(self._letter(env, e, uow))
+                uow.letters.append(self._letter(env, e, uow))
                 uow.holds.add(env.saga_id)
                 return
             view.merge()
@@ -520,10 +519,12 @@ class Processor(Parking, Timers):
 
         Other parked events of the saga stay parked (and hold the saga) for an operator.
         """
-        done = {d.id for d in uow.resolved}
+        done = {d.id for d in uow.resolved} | {d.event_id for d in uow.skipped_new.values()}
         remaining = False
-        for letter in await self._io(self.own.dead_letters, None):
-            if letter.status not in HOLDING or letter.saga_id != failure.saga_id or letter.id in done:
+        stored = await self._io(self.own.dead_letters, None)
+        for letter in [*stored, *uow.batch_letters()]:  # and what failed earlier in this batch
+            if letter.status not in HOLDING or letter.saga_id != failure.saga_id \
+                    or (letter.id if letter.id is not None else letter.event_id) in done:
                 continue
             step = self._step_of(letter.type)
             if step is None:
@@ -537,7 +538,11 @@ class Processor(Parking, Timers):
                          tag="skipped")
             uow.emit(DeadLetterResolved(of_event_id=letter.event_id, dead_letter_id=letter.id or 0,
                                         status="skipped", reason=reason), trigger, tag=f"resolved-{letter.id}")
-            uow.resolved.append(replace(letter, status="skipped", reason=reason, due_at=None))
+            skipped = replace(letter, status="skipped", reason=reason, due_at=None)
+            if letter.id is None:  # not committed yet: it is written skipped
+                uow.skipped_new[letter.event_id] = skipped
+            else:
+                uow.resolved.append(skipped)
         if not remaining:
             uow.released.add(failure.saga_id)
 

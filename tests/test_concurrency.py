@@ -804,16 +804,7 @@ def test_a_woken_waiter_that_fails_before_taking_the_aggregate_again_does_not_st
     assert [(d.saga_id, d.status) for d in store.service("buyers").dead_letters(None)] == [("B", RETRYING)]
 
 
-@pytest.mark.parametrize("concurrency", [
-    1,
-    pytest.param(64, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: at concurrency > 1 a failure that reaches a participant in the same batch as its saga's trigger "
-        "that failed does not resolve the trigger's dead letter as skipped: Processor._skip_parked_steps "
-        "(choreo/processor.py) looks for the saga's letters in the store, but _run_segment keeps this batch's "
-        "letters in a list until the commit. The letter stays parked for an operator (serially it is resolved "
-        "'skipped' with StepSkipped and DeadLetterResolved), and the saga is dropped from Processor.held while "
-        "its letter still holds it in the store (a restart holds it again)"))),
-])
+@pytest.mark.parametrize("concurrency", [1, 64])
 def test_a_failure_in_the_same_batch_as_a_parked_trigger_skips_it_at_any_concurrency(
     concurrency: int, any_store: EventStore
 ) -> None:
