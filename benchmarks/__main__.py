@@ -9,6 +9,7 @@
 3. sagas/s on Kafka (a tansu broker started for the run), each service in its own process
 4. saga latency p50/p99 (sequential sagas) for 1-3
 5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
+6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
 
 The results are also written to `--out` (default: benchmark-results.json).
 """
@@ -25,7 +26,7 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from benchmarks import replay, sagas, throughput
+from benchmarks import io_bound, replay, sagas, throughput
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def run(quick: bool) -> dict[str, Any]:
         "quick": quick,
     }
     results["1_sqlite_one_process"] = throughput.measure(n, rounds=2 if quick else 3)
+    results["6_io_bound"] = io_bound.measure(n, sequential // 2, results["1_sqlite_one_process"]["choreo_sagas_per_s"])
     with tempfile.TemporaryDirectory() as folder:
         results["4_latency_sqlite_one_process"] = sagas.measure(
             f"sqlite:///{folder}/threads.db", sagas=n, sequential=sequential, processes=False)
@@ -68,6 +70,9 @@ def table(r: dict[str, Any]) -> str:
                  f"({rp['eventsourcing']['events_per_s']}/s), {rp['projection_over_sqlite3']}x sqlite3 "
                  f"({rp['sqlite3']['events_per_s']}/s), peak RSS {rp['projection']['peak_rss_mb']} MB "
                  f"at {rp['log_events']} events"))
+    rows.append(("6 I/O-bound: 4 steps wait 10 ms each", "", f"x CPU-only = / benchmark 1's choreo "
+                 f"({r['6_io_bound']['cpu_only_sagas_per_s']} sagas/s)"))
+    rows += io_bound.rows(r["6_io_bound"])
     width = max(len(a) for a, _, _ in rows)
     return "\n".join([f"choreo benchmarks ({r['machine']}{', quick' if r['quick'] else ''})"] +
                      [f"  {a:<{width}}  {b:>18}  {c}" for a, b, c in rows])
