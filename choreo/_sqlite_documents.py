@@ -8,7 +8,9 @@ Tables, created by the read model's first write (until then it reads as empty):
 - `rm_<name>_meta`: named JSON values that describe the whole read model (set by `clear()`).
 
 `put()` writes documents, entries and tracking in one transaction and, given the
-tracking its batch started from, commits only if that is still what is stored.
+tracking its batch started from, commits only if that is still what is stored; given
+metadata values too (the saga projection passes the generation that each of its
+rebuilds stores anew), only if those are still stored as well.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ entry once (a saga's timeline is never rewritten). `replay()` rebuilds from
 position 0 and gives exactly what incremental updates give: both use `apply()`.
 
 Several writers may update one projection at once (every `choreo sagas list` is
-one): a batch commits only if the stored tracking is still the one it started
-from, else it is discarded and read again. What is stored never depends on which
-event classes the process loaded; it depends on the saga definitions, so their
-fingerprint is stored with the projection, and a writer with other definitions
-rebuilds it from position 0. A read-only projection (`read_only=True`) never
-writes: it answers from what is stored.
+one): a batch commits only if the stored tracking, and the generation that every
+rebuild stores anew in the read model's metadata, are still the ones it started
+from, else it is discarded and read again (a rebuild moves the tracking back through
+the same positions, so the tracking alone could match a batch folded before it).
+What is stored never depends on which event classes the process loaded; it depends
+on the saga definitions, so their fingerprint is stored with the projection, and a
+writer with other definitions rebuilds it from position 0. A read-only projection
+(`read_only=True`) never writes: it answers from what is stored.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -45,6 +48,8 @@ NO_SAGA = ""
 NO_SAGA_COUNT = "events_without_saga_id"
 #: The version of `apply()` and `entry_of()`: a projection stored by another version is rebuilt.
 FOLD_VERSION = 2
+#: The metadata entry that each rebuild (`clear()`) of the projection sets to a new value.
+GENERATION = "generation"
 _NOTES = frozenset({HandlerRetried.event_type, EventParked.event_type, DeadLetterResolved.event_type})
 _PARKED, _RESOLVED = EventParked.event_type, DeadLetterResolved.event_type
 _COMPLETED, _FAILED = SagaCompleted.event_type, SagaFailed.event_type
@@ -92,10 +97,15 @@ def entry_of(row: Row) -> list[Any]:
     """The timeline entry of a log row (see `choreo.store.ROW_FIELDS`): what the projection keeps.
 
     It depends on the row alone, never on which event classes this process loaded: a
-    row whose time is not an ISO 8601 time, or whose payload is not a JSON object, is
-    marked `unknown` with the reason.
+    row whose time is not an ISO 8601 time, whose payload is not a JSON object, or one
+    of whose text fields is not text (bytes: a BLOB, or text that is not valid UTF-8) is
+    marked `unknown` with the reason, its fields made text.
     """
     position, event_id, kind, _, _, causation_id, service, step, outcome, when, text, _ = row
+    if not (type(event_id) is str and type(kind) is str and type(service) is str  # the fast check
+            and (causation_id is None or type(causation_id) is str) and (step is None or type(step) is str)
+            and (outcome is None or type(outcome) is str)) and (problems := _not_text(row)):
+        return _garbled(row, problems)
     extra: dict[str, Any] = {}
     at = _stored_time(when)
     entry = [position, event_id, kind, service, step, outcome, at, causation_id, extra]
@@ -126,6 +136,32 @@ def entry_of(row: Row) -> list[Any]:
         elif kind == _RESOLVED:
             extra["note"] = f"{payload.get('status')}: {payload.get('reason', '')}"
     return entry
+
+
+# The text fields of a row that must be text (a saga id that is not is still read as a saga of its own,
+# named by its repr, as it always was), and those that may also be None.
+_TEXT_FIELDS = ((1, "event_id"), (2, "type"), (5, "causation_id"), (6, "service"), (7, "step"), (8, "outcome"))
+_OPTIONAL = frozenset({"causation_id", "step", "outcome"})
+
+
+def text_of(value: Any) -> str:
+    """A field's value as text: text as it is, anything else (bytes) by its repr."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _not_text(row: Row) -> list[str]:
+    """What is wrong with the text fields of a row: those that are not text (None is text where optional)."""
+    return [f"{name} is {'bytes' if isinstance(row[i], bytes) else type(row[i]).__name__}, not UTF-8 text"
+            for i, name in _TEXT_FIELDS if not isinstance(row[i], str) and not (row[i] is None and name in _OPTIONAL)]
+
+
+def _garbled(row: Row, problems: Sequence[str]) -> list[Any]:
+    """The `unknown` entry of a row with text fields that are not text, every field made text."""
+    event_id, kind, causation_id, service, step, outcome = (
+        None if row[i] is None and name in _OPTIONAL else text_of(row[i]) for i, name in _TEXT_FIELDS)
+    extra = {"unknown": f"{kind}: {'; '.join(problems)}"}
+    return [row[0], event_id, kind, service, step, outcome, _stored_time(row[9]), causation_id, extra]
+
 
 def as_dict(entry: Sequence[Any]) -> dict[str, Any]:
     """A stored timeline entry as the dict `SagaProjection.get()` shows."""
@@ -294,6 +330,7 @@ class SagaProjection:
         self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
         self._feed: Feed | None = None
         self._base: Tracking = {}  # the stored tracking the next batch starts from
+        self._generation: str | None = None  # the stored rebuild that `_base` belongs to (None: none recorded)
 
     def update(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Fold every new event of the log into the read model; return how many were read.
@@ -312,7 +349,7 @@ class SagaProjection:
             reached = advance_rows(batch)
             try:
                 self.documents.put(touched, tracking=reached, appended=timelines, expected=self._base,
-                                   expected_meta=self.meta)
+                                   expected_meta={**self.meta, GENERATION: self._generation})
             except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
                 rebuilt = self._sync(feed, rebuilt, rewind=True)
                 continue
@@ -325,7 +362,7 @@ class SagaProjection:
     def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Drop the read model and rebuild it from the start of the log."""
         feed = self._writable_feed()
-        self.documents.clear(self.meta)
+        self._clear()
         feed.rewind()
         return self.update(progress)
 
@@ -364,9 +401,24 @@ class SagaProjection:
         return self._feed
 
     def _tracked(self) -> Tracking:
-        """The stored tracking, which the feed starts after and the next batch expects to find."""
+        """The stored tracking, which the feed starts after and the next batch expects to find.
+
+        The generation is read first: if another writer rebuilds the projection in between,
+        the tracking read belongs to a newer generation than the one expected, and the next
+        batch is refused (a tracking read first could be matched, later, by a rebuild that had
+        not yet reached it when this writer read its documents).
+        """
+        self._generation = self.documents.meta().get(GENERATION)
         self._base = self.documents.tracking()
         return dict(self._base)
+
+    def _clear(self) -> None:
+        """Drop the read model and store this fold's metadata with a new generation.
+
+        Every rebuild gets a generation of its own, so a batch folded before it can never be
+        committed on top of it, even where its tracking passes through the batch's positions.
+        """
+        self.documents.clear({**self.meta, GENERATION: uuid.uuid4().hex})
 
     def _sync(self, feed: Feed, rebuilt: bool, *, rewind: bool) -> bool:
         """Rebuild the projection if it was stored by another fold; rewind the feed to what is stored.
@@ -375,14 +427,14 @@ class SagaProjection:
         update means another writer with other definitions keeps rebuilding it.
         """
         stored = self.documents.meta()
-        if stored != self.meta:
+        if {k: v for k, v in stored.items() if k != GENERATION} != self.meta:
             why = self._why(stored)
             if why is not None:  # else nothing is stored yet: only the fingerprint is written
                 if rebuilt:
                     raise ConcurrencyConflict(f"saga projection: another writer keeps rebuilding it: {why}")
                 log.warning("saga projection: rebuilding from position 0: %s", why)
                 rebuilt = True
-            self.documents.clear(self.meta)
+            self._clear()
             rewind = True
         if rewind:
             feed.rewind()
@@ -397,8 +449,9 @@ class SagaProjection:
             saga = touched.get(saga_id)
             if saga_id == NO_SAGA:  # counted, not a saga
                 saga = touched.setdefault(NO_SAGA, {"saga_id": NO_SAGA, _SEEN: []})
-                if row[1] not in saga[_SEEN]:
-                    saga[_SEEN].append(row[1])
+                event_id = row[1] if type(row[1]) is str else text_of(row[1])
+                if event_id not in saga[_SEEN]:
+                    saga[_SEEN].append(event_id)
                 continue
             if saga is None:
                 saga = touched[saga_id] = new_saga(saga_id)

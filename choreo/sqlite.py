@@ -217,11 +217,33 @@ class SQLiteStore(LogStore):
         with self._changed:
             self._changed.notify_all()
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def _query(self, sql: str, params: Sequence[Any] = (), *, lenient: bool = False) -> list[Any]:
+        """Run a query; return its rows.
+
+        With `lenient`, a TEXT value that is not valid UTF-8 (a foreign or damaged writer's) comes
+        back as its bytes (`Undecodable`), as a BLOB does, for a caller that parks such rows (else
+        sqlite3 fails the whole query, and every reader would retry it for ever).
+        """
         try:
             return self._conn().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if not (lenient and str(e).startswith(_UNDECODABLE)):
+                raise self._translate(e) from e
         except sqlite3.Error as e:
             raise self._translate(e) from e
+        return self._query_leniently(sql, params)
+
+    def _query_leniently(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """`_query()` again, with text that is not valid UTF-8 read as `Undecodable` bytes: only a query
+        that failed on such text pays for decoding its text in Python."""
+        conn = self._conn()
+        conn.text_factory = _lenient_text
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e) from e
+        finally:
+            conn.text_factory = str
 
     def _tracked(self, table: str) -> Tracking:
         """Return the positions recorded in a tracking table, by source."""
@@ -257,13 +279,16 @@ class SQLiteStore(LogStore):
                 params += sorted(interest.known)
             where += f" AND ({' OR '.join(wanted)})"
         rows = self._query(
-            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?", (*params, limit)
+            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?", (*params, limit),
+            lenient=True,
         )
         return [_envelope(r) for r in rows]
 
     def read_rows(self, after: int, limit: int = 500) -> list[Row]:
+        """`read()` as plain rows; a text column that is not valid UTF-8 comes back as `Undecodable` bytes."""
         return self._query(
-            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > ? ORDER BY position LIMIT ?", (after, limit)
+            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > ? ORDER BY position LIMIT ?", (after, limit),
+            lenient=True,
         )
 
     def last_position(self) -> int:
@@ -543,27 +568,71 @@ def _time(text: str | None) -> datetime:
         return _EPOCH
 
 
+#: how sqlite3 says that a TEXT value is not valid UTF-8 (it then fails the whole query)
+_UNDECODABLE = "Could not decode to UTF-8"
+
+
+class Undecodable(bytes):
+    """The bytes of a TEXT value that is not valid UTF-8 (read as bytes, as a BLOB is)."""
+
+
+def _lenient_text(data: bytes) -> str | bytes:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return Undecodable(data)
+
+
+# the log's text columns (index in a row, name, whether NULL is allowed)
+_TEXT_COLUMNS = ((1, "event_id", False), (2, "type", False), (4, "saga_id", True), (5, "causation_id", True),
+                 (6, "service", False), (7, "step", True), (8, "outcome", True), (9, "occurred_at", False),
+                 (10, "payload", False))
+
+
+def _not_text(r: Sequence[Any]) -> tuple[list[Any], str]:
+    """The fields of a row with a text column that is not text, made text; and what was wrong."""
+    fields, problems = list(r), []
+    for i, name, optional in _TEXT_COLUMNS:
+        value = r[i]
+        if type(value) is str or (optional and value is None):
+            continue
+        if isinstance(value, Undecodable):
+            problems.append(f"{name} is not valid UTF-8")
+            fields[i] = value.decode(errors="replace")
+        else:
+            problems.append(f"{name} is {'a BLOB' if isinstance(value, bytes) else type(value).__name__}, not text")
+            fields[i] = repr(value)
+    return fields, f"log position {r[0]}: {'; '.join(problems)}"
+
+
 def _envelope(r: Sequence[Any]) -> Envelope:
-    """Build an envelope from a log row; a malformed row still yields one, `malformed` if its time is not
-    an ISO 8601 time (a bad payload or version fails when it is decoded)."""
+    """Build an envelope from a log row; a malformed row still yields one, `malformed` if a text column
+    is not text (a BLOB, or text that is not valid UTF-8: then made plain text) or its time is not an ISO
+    8601 time (a bad payload or version fails when it is decoded)."""
     malformed = None
+    if not (type(r[1]) is str and type(r[2]) is str and type(r[6]) is str and type(r[9]) is str
+            and type(r[10]) is str and (r[4] is None or type(r[4]) is str) and (r[5] is None or type(r[5]) is str)
+            and (r[7] is None or type(r[7]) is str) and (r[8] is None or type(r[8]) is str)):
+        r, malformed = _not_text(r)
     try:
         occurred = datetime.fromisoformat(r[9])
         if occurred.tzinfo is None:
             occurred = occurred.replace(tzinfo=timezone.utc)
     except (TypeError, ValueError) as e:
-        occurred, malformed = _EPOCH, f"log position {r[0]}: occurred_at {r[9]!r} is not an ISO 8601 time ({e})"
+        occurred = _EPOCH
+        if malformed is None:
+            malformed = f"log position {r[0]}: occurred_at {r[9]!r} is not an ISO 8601 time ({e})"
     return Envelope(
         position=r[0],
-        event_id=str(r[1]),
-        type=str(r[2]),
+        event_id=r[1],
+        type=r[2],
         version=r[3] if isinstance(r[3], int) else -1,
         saga_id=r[4] or "",
         causation_id=r[5],
-        service=str(r[6]),
+        service=r[6],
         step=r[7],
         outcome=r[8],
         occurred_at=occurred,
-        payload=r[10] if isinstance(r[10], str) else repr(r[10]),
+        payload=r[10],
         malformed=malformed,
     )

@@ -132,11 +132,6 @@ def wait_until(done: Callable[[], bool], timeout: float) -> bool:
 
 # == 1. garbage rows written straight into choreo_log =================================================
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a log row with a BLOB in causation_id/saga_id/step/outcome makes every service that parks or "
-    "handles it raise TypeError (json.dumps of bytes in the dead letter, sqlite.py _commit; or the "
-    "eventsourcing transcoder for a bytes saga id): not a StoreError, so Runner threads die and `choreo run` "
-    "exits 1, then crash-loops on restart; the row is never parked"))
 @pytest.mark.parametrize("column", ["causation_id", "saga_id", "step", "outcome"])
 def test_a_row_with_a_blob_column_is_parked_and_the_services_keep_running(tmp_path: Path, column: str) -> None:
     path, _, store = new_store(tmp_path)
@@ -152,10 +147,6 @@ def test_a_row_with_a_blob_column_is_parked_and_the_services_keep_running(tmp_pa
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a log row with a BLOB in event_id/type/service/causation_id/step/outcome stops the saga projection "
-    "for good: entry_of() (projection.py) keeps the bytes in the timeline entry and orjson.dumps raises "
-    "TypeError in SQLiteDocumentStore.put (_sqlite_documents.py); `choreo sagas list` prints a traceback, exit 1"))
 @pytest.mark.parametrize("column", ["event_id", "type", "service", "causation_id", "step", "outcome"])
 def test_a_row_with_a_blob_column_never_breaks_the_projection(tmp_path: Path, column: str) -> None:
     path, url, store = new_store(tmp_path)
@@ -173,11 +164,6 @@ def test_a_row_with_a_blob_column_never_breaks_the_projection(tmp_path: Path, co
         projection_store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a TEXT value that is not valid UTF-8 (CAST(X'C3FF' AS TEXT)) makes every read of the log raise "
-    "sqlite3.OperationalError 'Could not decode to UTF-8', translated to StoreError (sqlite.py _query): "
-    "every service retries the same batch forever with backoff, and the projection and the dlq/sagas commands "
-    "fail (exit 3), so one bad row stops the whole system for good"))
 def test_a_row_that_is_not_utf8_is_parked_not_retried_forever(tmp_path: Path) -> None:
     path, _, store = new_store(tmp_path)
     conn = sqlite3.connect(path, isolation_level=None)
@@ -590,12 +576,6 @@ def test_a_deadline_racing_the_steps_ends_each_saga_once(tmp_path: Path, down: s
 
 # == 4. the projection: two writers ===================================================================
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the projection's compare-and-set compares tracking positions only (_sqlite_documents.py put, "
-    "`expected`): `choreo replay` (or a first-time writer's _sync) clears the read model and, batch by batch, "
-    "moves the tracking back through the same positions, so a `choreo project`/`sagas list` that read its "
-    "documents after the clear commits when the replay's tracking equals its own (ABA): documents folded from "
-    "nothing overwrite the rebuilt ones and the projection is wrong for good"))
 def test_a_replay_during_an_update_never_leaves_a_wrong_projection(tmp_path: Path) -> None:
     _, url, store = new_store(tmp_path)
     for saga_id, order_, _, _ in plan(30, seed=17):

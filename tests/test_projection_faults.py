@@ -18,7 +18,7 @@ import pytest
 import services
 from choreo import Envelope, SagaFilter, SagaProjection, open_store
 from choreo.errors import StoreError
-from choreo.projection import DOCUMENTS, NO_SAGA_COUNT, dumps
+from choreo.projection import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT, dumps
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.sqlite import SQLiteStore
 from choreo.store import DocumentStore
@@ -120,6 +120,64 @@ def test_two_projections_updating_one_file_at_once_never_duplicate_entries(url: 
         s.close()
 
 
+def test_a_batch_folded_before_a_rebuild_is_never_committed_on_top_of_it(any_store: object) -> None:
+    """A rebuild moves the tracking back through the positions a writer's batch expects (ABA): the
+    generation that every rebuild stores makes that writer's compare-and-set fail all the same."""
+    store: SQLiteStore = any_store  # type: ignore[assignment]
+    store.append(finished_log(12, seed=21))
+    writer = SagaProjection(store, sagas=SAGAS, batch_size=20)
+    rebuilder = SagaProjection(store, sagas=SAGAS, batch_size=20)
+    real_get_many = writer.documents.get_many
+    reads: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, size: int | None) -> None:
+        raise Stop
+
+    def get_many(keys: object) -> dict[str, dict[str, object]]:
+        reads.append(1)
+        if len(reads) != 2:
+            return real_get_many(keys)  # type: ignore[arg-type]
+        rebuilder.documents.clear(rebuilder.meta)  # a rebuild starts as the writer reads for its 2nd batch,
+        found = real_get_many(keys)  # type: ignore[arg-type]  # so the writer folds onto nothing
+        with pytest.raises(Stop):
+            rebuilder.update(stop)  # and commits its 1st batch before the writer commits
+        assert rebuilder.documents.tracking() == {"log": 20}  # what the writer's batch expects to find
+        return found
+
+    writer.documents.get_many = get_many  # type: ignore[method-assign]
+    generation = writer.documents.meta()
+    writer.update()
+    assert len(reads) > 2 and writer.documents.meta() != generation
+    rebuilder.update()
+    fresh = SagaProjection(store, sagas=SAGAS)
+    fresh.documents = store.documents(f"check_{uuid4().hex[:8]}")
+    fresh.replay()
+    assert snapshot(writer.documents) == snapshot(fresh.documents)
+
+
+def test_every_rebuild_stores_a_new_generation_and_an_old_projection_needs_none(url: str) -> None:
+    store = open_store(url)
+    store.append(finished_log(3, seed=6))
+    projection = SagaProjection(store, sagas=SAGAS)
+    projection.update()
+    first = projection.documents.meta()
+    projection.replay()
+    second = projection.documents.meta()
+    assert first[GENERATION] != second[GENERATION] and {**first, GENERATION: None} == {**second, GENERATION: None}
+    assert projection.outdated() is None
+    before = snapshot(projection.documents)
+    projection.documents.clear(projection.meta)  # as a choreo that stored no generation would rebuild it
+    older = SagaProjection(store, sagas=SAGAS)
+    assert older.outdated() is None and older.update() > 0  # not rebuilt again for want of a generation
+    assert older.documents.meta() == older.meta and snapshot(older.documents) == before
+    store.append(finished_log(1, seed=7))
+    assert older.update() > 0 and older.documents.meta() == older.meta
+    store.close()
+
+
 # -- 3. bad rows ---------------------------------------------------------------------------
 
 def test_a_row_with_a_bad_time_is_an_unknown_entry_and_never_breaks_readers(url: str, db_path: Path) -> None:
@@ -158,6 +216,54 @@ def test_rows_without_a_saga_id_are_counted_not_listed(url: str, db_path: Path) 
     before = snapshot(projection.documents)
     projection.replay()
     assert snapshot(projection.documents) == before
+    store.close()
+
+
+@pytest.mark.parametrize("column", ["event_id", "type", "causation_id", "service", "step", "outcome"])
+@pytest.mark.parametrize("value_sql", ["X'0102'", "CAST(X'C3FF' AS TEXT)"], ids=["blob", "not-utf8"])
+def test_a_row_whose_text_is_not_text_is_an_unknown_entry(
+    url: str, db_path: Path, column: str, value_sql: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from choreo.cli import main
+
+    store = open_store(url)
+    store.append([order_placed("s")])
+    row = {"event_id": f"'{uuid4()}'", "type": "'OrderPlaced'", "causation_id": "NULL", "service": "'orders'",
+           "step": "NULL", "outcome": "NULL", column: value_sql}
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(f"INSERT INTO choreo_log (version, saga_id, occurred_at, payload, {', '.join(row)}) "
+                 f"VALUES (1, 's', '2026-01-01T00:01:00+00:00', '{{}}', {', '.join(row.values())})")
+    conn.close()
+    store.append([order_placed("t")])
+    projection = SagaProjection(store, sagas=SAGAS, batch_size=2, stuck_after=None)
+    assert projection.update() == 3
+    saga = projection.get("s")
+    assert saga is not None and saga["unknown_events"] == 1 and saga["state"] == "started"
+    assert saga["updated_at"] == "2026-01-01T00:01:00+00:00"
+    unknown = saga["timeline"][1]
+    assert f"{column} is bytes, not UTF-8 text" in unknown["unknown"]
+    assert all(v is None or isinstance(v, (str, int)) for k, v in unknown.items() if k in FIELDS)
+    assert projection.get("t") is not None
+    incremental = snapshot(projection.documents)
+    projection.replay()
+    assert snapshot(projection.documents) == incremental
+    store.close()
+    capsys.readouterr()
+    assert main(["sagas", "list", "--json", "--store", url, "--system", "services:system"]) == 0
+    assert main(["sagas", "show", "s", "--json", "--store", url, "--system", "services:system"]) == 0
+
+
+def test_rows_without_a_saga_id_whose_event_id_is_not_text_are_counted(url: str, db_path: Path) -> None:
+    store = open_store(url)
+    store.append([order_placed("s")])
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for event_id in ("X'0102'", "CAST(X'C3FF' AS TEXT)"):
+        conn.execute("INSERT INTO choreo_log (event_id, type, version, saga_id, service, occurred_at, payload) "
+                     f"VALUES ({event_id}, 'Whatever', 1, NULL, 'x', '2026-01-01T00:00:00+00:00', '{{}}')")
+    conn.close()
+    projection = SagaProjection(store, sagas=SAGAS, stuck_after=None)
+    assert projection.update() == 3
+    assert projection.counts() == {"started": 1, NO_SAGA_COUNT: 2}
     store.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 from uuid import uuid4
@@ -11,6 +12,7 @@ import pytest
 
 from choreo import open_store
 from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
+from choreo.store import ROW_FIELDS, Interest
 from tests.store_contract import envelope
 
 
@@ -144,3 +146,55 @@ def test_emitted_ids_taken_by_a_service_commit_are_not_conflicts(sqlite_store) -
         sqlite_store.service("beta").commit(events=[], emitted=[e], tracking={"log": 1})
     assert not isinstance(caught.value, ConcurrencyConflict)
     assert sqlite_store.service("beta").tracking() == {} and len(sqlite_store.read(0)) == 1
+
+
+# -- log rows whose text is not text ---------------------------------------------------------------
+
+LOG_TEXT_COLUMNS = ("event_id", "type", "saga_id", "causation_id", "service", "step", "outcome", "occurred_at",
+                    "payload")
+
+
+def insert_bad(path: Path, column: str, value_sql: str) -> None:
+    """A log row with `value_sql` (SQL) in `column`, as a foreign or damaged writer might leave it."""
+    row = {"event_id": f"'{uuid4()}'", "type": "'Thing'", "saga_id": "'s'", "causation_id": "NULL",
+           "service": "'svc'", "step": "NULL", "outcome": "NULL", "occurred_at": "'2026-01-01T00:00:00+00:00'",
+           "payload": "'{}'", column: value_sql}
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"INSERT INTO choreo_log (version, {', '.join(row)}) VALUES (1, {', '.join(row.values())})")
+    conn.close()
+
+
+@pytest.mark.parametrize("column", LOG_TEXT_COLUMNS)
+@pytest.mark.parametrize("kind, value_sql, why", [
+    ("blob", "X'00FF'", "is a BLOB, not text"),
+    ("not-utf8", "CAST(X'C3FF' AS TEXT)", "is not valid UTF-8"),
+])
+def test_a_log_row_whose_text_is_not_text_is_read_as_malformed_with_text_fields(
+    db_path: Path, column: str, kind: str, value_sql: str, why: str
+) -> None:
+    store = open_store(f"sqlite:///{db_path}")
+    store.append([envelope()])
+    insert_bad(db_path, column, value_sql)
+    store.append([envelope()])
+    good, bad, after = store.read(0)  # type: ignore[attr-defined]
+    assert good.malformed is None and after.malformed is None
+    assert bad.malformed is not None and f"log position 2: {column} {why}" in bad.malformed
+    fields = [bad.event_id, bad.type, bad.saga_id, bad.causation_id, bad.service, bad.step, bad.outcome,
+              bad.payload]
+    assert all(f is None or type(f) is str for f in fields), fields
+    json.dumps(fields)  # as a dead letter stores them: it used to raise TypeError on bytes
+    rows = store.read_rows(0)  # type: ignore[attr-defined]
+    assert [r[0] for r in rows] == [1, 2, 3] and isinstance(rows[1][ROW_FIELDS.index(column)], bytes)
+    store.close()
+
+
+def test_a_row_that_is_not_utf8_costs_nothing_to_the_reads_that_do_not_meet_it(db_path: Path) -> None:
+    store = open_store(f"sqlite:///{db_path}")
+    store.append([envelope(), envelope()])
+    insert_bad(db_path, "saga_id", "CAST(X'C3FF' AS TEXT)")
+    assert len(store.read(0)) == 3  # type: ignore[attr-defined]
+    conn = store._conn()  # type: ignore[attr-defined]
+    assert conn.text_factory is str  # the lenient decoding was for that query only
+    assert [e.malformed is None for e in store.read(0, 2)] == [True, True]  # type: ignore[attr-defined]
+    assert [e.position for e in store.read(0, interest=Interest(frozenset({"Thing"})))] == [1, 2, 3]  # type: ignore[attr-defined]
+    store.close()
