@@ -31,7 +31,6 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,7 +43,8 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 
 from choreo._sqlite_documents import SQLiteDocumentStore
-from choreo.deadlines import CANCELLED, SCHEDULED, Deadline
+from choreo._wakeup import Wakeup
+from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
 from choreo.errors import (
     ConcurrencyConflict, EventIdTaken, StoreCorrupt, StoreError, StoreLocked, StoreNotFound, StoreURLError,
 )
@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
     position INTEGER NOT NULL, event_id TEXT, saga_id TEXT, type TEXT,
     reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL,
-    envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked');
+    envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked', due_at TEXT);
 CREATE TABLE IF NOT EXISTS svc_{name}_handled (event_id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, saga_id TEXT NOT NULL, due_at TEXT NOT NULL,
@@ -109,9 +109,10 @@ class SQLiteStore(LogStore):
         *,
         durability: str = "full",
         lock_timeout: float = 30.0,
-        poll_interval: float = 0.01,
+        poll_interval: float | None = None,
         dedupe: bool = False,
         create: bool = True,
+        wakeup: bool = True,
     ) -> None:
         if durability not in _SYNCHRONOUS:
             raise StoreURLError(
@@ -129,7 +130,10 @@ class SQLiteStore(LogStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self._changed = threading.Condition()
+        # a waiting reader is woken by commits in any process (see choreo._wakeup): it looks at the log
+        # every `poll_interval` seconds only as a fallback (default 1 s; 10 ms when it cannot be woken)
+        self._wakeup = Wakeup(self.path, listen=create and wakeup, poll=poll_interval)
+        self._log_made = False  # until the log's table exists (from then on, _write tells if it grew)
         self._services: dict[str, _SQLiteServiceStore] = {}
         self._check_file()
         if self.read_only:
@@ -139,6 +143,7 @@ class SQLiteStore(LogStore):
         else:
             with self._write() as c:
                 c.executescript_safe(_SCHEMA)
+            self._log_made = True
 
     # -- connections and transactions ------------------------------------------------
     def _check_file(self) -> None:
@@ -206,7 +211,10 @@ class SQLiteStore(LogStore):
         except sqlite3.Error as e:
             raise self._translate(e) from e
         try:
+            head_sql = "SELECT MAX(position) FROM choreo_log"  # did this transaction append to the log?
+            before = conn.execute(head_sql).fetchone()[0] if self._log_made else None
             yield _Cursor(conn.cursor())
+            grew = self._log_made and conn.execute(head_sql).fetchone()[0] != before
             conn.execute("COMMIT")
         except BaseException as e:
             if conn.in_transaction:
@@ -214,8 +222,8 @@ class SQLiteStore(LogStore):
             if isinstance(e, sqlite3.Error):
                 raise self._translate(e) from e
             raise
-        with self._changed:
-            self._changed.notify_all()
+        # wake the readers waiting for the log: this process's, and other processes' if it grew
+        self._wakeup.notify(appended=grew)
 
     def _query(self, sql: str, params: Sequence[Any] = (), *, lenient: bool = False) -> list[Any]:
         """Run a query; return its rows.
@@ -295,15 +303,7 @@ class SQLiteStore(LogStore):
         return self._query("SELECT MAX(position) FROM choreo_log")[0][0] or 0
 
     def wait(self, after: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.last_position() > after:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            with self._changed:
-                self._changed.wait(min(left, self.poll_interval))
+        return self._wakeup.wait(lambda: self.last_position() > after, timeout)
 
     def service(self, name: str) -> ServiceStore:
         check_service_name(name)
@@ -320,6 +320,9 @@ class SQLiteStore(LogStore):
             else:
                 with self._write() as c:
                     c.executescript_safe(_SERVICE_SCHEMA.format(name=name))
+                    columns = {r[1] for r in c.c.execute(f"PRAGMA table_info(svc_{name}_dead_letters)")}
+                    if "due_at" not in columns:  # a store written before retries were scheduled
+                        c.c.execute(f"ALTER TABLE svc_{name}_dead_letters ADD COLUMN due_at TEXT")
             store = _SQLiteServiceStore(self, name)
             with self._guard:
                 self._services[name] = store
@@ -486,19 +489,19 @@ class _SQLiteServiceStore(ServiceStore):
             for d in parked:
                 c.c.execute(
                     f"INSERT INTO {self._dead} (position, event_id, saga_id, type, reason, error, "
-                    "attempts, first_failed_at, last_failed_at, envelope, status) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "attempts, first_failed_at, last_failed_at, envelope, status, due_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         d.position, d.event_id, d.saga_id, d.type, d.reason, d.error, d.attempts,
                         d.first_failed_at.isoformat(), d.last_failed_at.isoformat(),
-                        json.dumps(d.envelope), d.status,
+                        json.dumps(d.envelope), d.status, _utc(d.due_at),
                     ),
                 )
             for d in updated:
                 c.c.execute(
                     f"UPDATE {self._dead} SET status = ?, reason = ?, error = ?, attempts = ?, "
-                    "last_failed_at = ? WHERE id = ?",
-                    (d.status, d.reason, d.error, d.attempts, d.last_failed_at.isoformat(), d.id),
+                    "last_failed_at = ?, due_at = ? WHERE id = ?",
+                    (d.status, d.reason, d.error, d.attempts, d.last_failed_at.isoformat(), _utc(d.due_at), d.id),
                 )
             for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together
                 self._deadlines_of(c, status, list(run))
@@ -511,6 +514,12 @@ class _SQLiteServiceStore(ServiceStore):
                  t.cause_type, t.cause_version, t.cause_payload) for t in timers]
         if status == SCHEDULED:
             c.c.executemany(f"INSERT OR IGNORE INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        elif status == SAGA_ENDED:  # the saga ended: whatever of it is still scheduled is cancelled
+            c.c.executemany(f"UPDATE {self._deadlines} SET status = 'cancelled' WHERE saga_id = ? "
+                            "AND status = 'scheduled'", [(t.saga_id,) for t in timers])
+        elif status == RESCHEDULED:
+            c.c.executemany(f"UPDATE {self._deadlines} SET due_at = ? WHERE id = ? AND status = 'scheduled'",
+                            [(t.due_at.astimezone(timezone.utc).isoformat(), t.id) for t in timers])
         elif status == CANCELLED:
             c.c.executemany(
                 f"INSERT INTO {self._deadlines} VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) "
@@ -538,27 +547,38 @@ class _SQLiteServiceStore(ServiceStore):
         ]
 
     def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
-        sql = (
-            "SELECT id, position, event_id, saga_id, type, reason, error, attempts, "
-            f"first_failed_at, last_failed_at, envelope, status FROM {self._dead}"
+        if status is None:
+            return self._letters("", ())
+        return self._letters("WHERE status = ?", (status,))
+
+    def due_retries(self, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        return self._letters("WHERE status = 'retrying' AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+                             (_utc(now), limit))
+
+    def _letters(self, where: str, params: tuple[Any, ...]) -> list[DeadLetter]:
+        order = "" if "ORDER BY" in where else " ORDER BY id"
+        rows = self.store._query(
+            "SELECT id, position, event_id, saga_id, type, reason, error, attempts, first_failed_at, "
+            f"last_failed_at, envelope, status, due_at FROM {self._dead} {where}{order}", params,
         )
-        params: tuple[Any, ...] = ()
-        if status is not None:
-            sql += " WHERE status = ?"
-            params = (status,)
         return [
             DeadLetter(
                 id=r[0], position=r[1], event_id=r[2], saga_id=r[3], type=r[4], reason=r[5],
                 error=r[6], attempts=r[7], first_failed_at=_time(r[8]),
                 last_failed_at=_time(r[9]), envelope=json.loads(r[10]), status=r[11],
-                service=self.name,
+                service=self.name, due_at=_time(r[12]) if r[12] else None,
             )
-            for r in self.store._query(sql + " ORDER BY id", params)
+            for r in rows
         ]
 
 
 class _IdTaken(Exception):
     """An emitted event's id is already in the log (raised inside a transaction, which rolls back)."""
+
+
+def _utc(when: datetime | None) -> str | None:
+    """A time as UTC ISO 8601 text, which sorts in time order (None stays None)."""
+    return when.astimezone(timezone.utc).isoformat() if when is not None else None
 
 
 def _time(text: str | None) -> datetime:

@@ -363,10 +363,6 @@ def expiring_system(fails: Callable[[str], bool]) -> tuple[System, Counter[str]]
     return System([desk]), calls
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a deadline whose handler (or whose stored start event, after a schema change) keeps failing is tried "
-    "again on every poll, for ever, with a traceback each time, and never parked (_timers.py "
-    "_fire_due_deadlines: `except Exception: log.exception(...)  # will try again`): a retry loop without end"))
 def test_a_deadline_that_keeps_failing_is_parked_not_retried_on_every_poll(tmp_path: Path) -> None:
     desk_system, calls = expiring_system(lambda key: True)
     with freeze_time("2026-01-01 00:00:00") as frozen:
@@ -382,10 +378,6 @@ def test_a_deadline_that_keeps_failing_is_parked_not_retried_on_every_poll(tmp_p
     assert calls["k"] <= RetryPolicy().max_attempts or parked, f"tried {calls['k']} times, never parked"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: due deadlines are read 100 at a time, earliest first (sqlite.py due_deadlines LIMIT 100) and one that "
-    "fails stays scheduled (_timers.py): 100 failing deadlines hold the window for good and no later deadline "
-    "of any saga ever fires"))
 def test_failing_deadlines_do_not_starve_the_ones_due_after_them(tmp_path: Path) -> None:
     desk_system, calls = expiring_system(lambda key: key.startswith("bad"))
     with freeze_time("2026-01-01 00:00:00") as frozen:
@@ -516,11 +508,6 @@ def test_compensate_while_a_trigger_is_parked_and_another_saga_is_mid_flight(
     assert "already failed" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `dlq retry` (and `dlq skip`) of a letter already resolved, in a saga that already ended, is not "
-    "refused: it appends a RetryRequested to the ended saga, exits 0 and says the service 'carries it out', "
-    "which logs 'not parked here' and does nothing (_dlq_cli.py _retry / operations.request_retry check neither "
-    "the letter's status nor the saga's; guarantee 6: refused for an already completed saga)"))
 def test_retrying_a_resolved_letter_of_an_ended_saga_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
