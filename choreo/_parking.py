@@ -137,7 +137,7 @@ class Parking:
             transient = policy.is_transient(error)
             if transient and attempts < policy.max_attempts and letter.status != PARKED:
                 due = now + timedelta(seconds=policy.delay(attempts))
-                log.warning("%s: event %s (%s %s) failed (attempt %d of %d): %s: %s; next attempt at %s",
+                log.info("%s: event %s (%s %s) failed (attempt %d of %d): %s: %s; next attempt at %s",
                             self.service.name, env.event_id, env.source, env.position, attempts,
                             policy.max_attempts, type(error).__name__, error, due.isoformat())
                 self.next_retry_at = min(self.next_retry_at or due, due)
