@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     status TEXT NOT NULL, cause_event_id TEXT NOT NULL, cause_type TEXT NOT NULL,
     cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
+CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id);
 """
 _SERVICE_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
