@@ -1,7 +1,8 @@
 """Wake-ups on SQLite (choreo._wakeup): a waiting reader is woken by a commit in any process.
 
-Every reader here looks at the log only every 60 s by itself (`poll_interval=60`), and the
-tests give up after 30 s: a reader that returns in time was woken, not polling.
+Unless a test is about the fallback to polling, every reader here looks at the log only
+every 60 s by itself (`poll_interval=60`), and the tests give up after 30 s: a reader that
+returns in time was woken, not polling.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.store_contract import envelope
 FALLBACK = 60.0  # a reader's own poll: far beyond the tests' patience
 PATIENCE = 30.0
 
-pytestmark = pytest.mark.skipif(not _wakeup._SUPPORTED, reason="no Unix datagram sockets here: readers poll")
+needs_sockets = pytest.mark.skipif(not _wakeup._SUPPORTED, reason="no Unix datagram sockets here: readers poll")
 
 READER = textwrap.dedent(
     """
@@ -111,6 +112,7 @@ def writer(db_path: Path) -> Iterator[SQLiteStore]:
     store.close()
 
 
+@needs_sockets
 @pytest.mark.slow
 def test_a_reader_in_another_process_is_woken_long_before_its_own_poll(
     db_path: Path, writer: SQLiteStore, reader: Callable[..., subprocess.Popen[str]]
@@ -122,6 +124,7 @@ def test_a_reader_in_another_process_is_woken_long_before_its_own_poll(
     assert sockets(db_path) == []  # a reader's socket exists only while it waits
 
 
+@needs_sockets
 @pytest.mark.slow
 def test_many_readers_in_other_processes_are_all_woken_by_one_commit(
     db_path: Path, writer: SQLiteStore, reader: Callable[..., subprocess.Popen[str]]
@@ -134,6 +137,7 @@ def test_many_readers_in_other_processes_are_all_woken_by_one_commit(
         assert woken(proc) < FALLBACK / 2
 
 
+@needs_sockets
 @pytest.mark.slow
 def test_a_killed_reader_leaves_a_socket_that_writers_step_over_then_remove(
     db_path: Path, writer: SQLiteStore, reader: Callable[..., subprocess.Popen[str]]
@@ -176,6 +180,7 @@ def test_a_read_only_store_creates_nothing_and_still_sees_commits(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@needs_sockets
 def test_another_store_in_the_same_process_is_woken(db_path: Path, writer: SQLiteStore) -> None:
     other = SQLiteStore(str(db_path), poll_interval=FALLBACK)
     waiter = Waiter(other)
@@ -186,6 +191,7 @@ def test_another_store_in_the_same_process_is_woken(db_path: Path, writer: SQLit
     other.close()
 
 
+@needs_sockets
 def test_threads_waiting_on_one_store_share_one_socket_and_are_all_woken(db_path: Path, writer: SQLiteStore) -> None:
     store = SQLiteStore(str(db_path), poll_interval=FALLBACK)
     waiters = [Waiter(store) for _ in range(4)]
@@ -197,6 +203,7 @@ def test_threads_waiting_on_one_store_share_one_socket_and_are_all_woken(db_path
     store.close()
 
 
+@needs_sockets
 def test_a_socket_outlives_the_waits_briefly_then_goes_and_comes_back(
     db_path: Path, writer: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +247,7 @@ def test_only_a_commit_that_appended_to_the_log_rings_other_processes(
     store.close()
 
 
+@needs_sockets
 def test_a_folder_in_the_way_means_polling_and_commits_still_work(db_path: Path, writer: SQLiteStore) -> None:
     Path(f"{db_path}{_wakeup.SUFFIX}").write_text("not a folder")
     store = SQLiteStore(str(db_path))
@@ -252,6 +260,7 @@ def test_a_folder_in_the_way_means_polling_and_commits_still_work(db_path: Path,
     store.close()
 
 
+@needs_sockets
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
 def test_a_folder_that_is_not_writable_means_polling(db_path: Path, writer: SQLiteStore) -> None:
     folder = Path(f"{db_path}{_wakeup.SUFFIX}")
