@@ -238,6 +238,9 @@ class SQLiteStore(LogStore):
         except sqlite3.OperationalError as e:
             if not (lenient and str(e).startswith(_UNDECODABLE)):
                 raise self._translate(e) from e
+        except UnicodeDecodeError as e:  # damaged text where sqlite3 did not expect it (a damaged page)
+            if not lenient:
+                raise StoreCorrupt(f"{self.path}: text that is not UTF-8: {e}") from e
         except sqlite3.Error as e:
             raise self._translate(e) from e
         return self._query_leniently(sql, params)
