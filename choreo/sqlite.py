@@ -12,6 +12,9 @@ opens) are the only ones that speak SQL. Tables:
 - `svc_<name>_deadlines`: the service's deadlines (scheduled, cancelled, fired).
 - `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
 
+A reader waiting for the log is woken by a commit in any process: see `choreo._wakeup`
+(Unix datagram sockets in the folder `<database>-wake/`).
+
 Every write is a `BEGIN IMMEDIATE` transaction, so a writer waits for the lock
 (up to `lock_timeout`) instead of failing half-way. `durability="full"` (the
 default) fsyncs every commit (`synchronous=FULL`): a committed event survives a
