@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,16 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]
     store = InMemoryStore() if request.param == "memory" else open_store(f"sqlite:///{db_path}")
     yield store
     store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MB tmpfs mounted for this test, to fill up (skipped where it cannot be mounted: needs root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -747,23 +747,6 @@ def test_kill_9_storm_with_racing_deadlines_and_changing_batch_sizes(tmp_path: P
     facts = read_facts(store, saga_ids)
     assert all(states[s] == facts[s].state for s in saga_ids)
     store.close()
-
-
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "disk"
-    if not _mount_tmpfs(where, "16m"):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.mark.slow

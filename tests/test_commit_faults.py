@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -136,23 +135,6 @@ def test_an_injected_full_disk_at_commit_skips_nothing(tmp_path: Path, monkeypat
         runner.stop()
     assert_as_planned(store, planned)
     store.close()
-
-
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
-    where = tmp_path / "disk"
-    if not _mount_tmpfs(where, "16m"):
-        pytest.skip("cannot mount a small tmpfs here (needs root); the injected full-disk test covers this")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_real_full_disk_skips_nothing(small_disk: Path) -> None:
