@@ -28,7 +28,7 @@ from choreo.errors import (
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
-from choreo.memory import InMemoryStore
+from choreo.stores.memory import InMemoryStore
 from choreo.operations import CompensationForced
 from choreo.processor import Processor
 from choreo.retry import RetryPolicy

@@ -8,7 +8,7 @@ redelivery a no-op (guarantee 1). Readers get the log through a `Feed`. A read
 model (`DocumentStore`) commits its documents and tracking together, optionally as a
 compare-and-set against the tracking its batch started from, so several writers can
 fold one log. `open_store(url, create=False)` opens a store to read only.
-Implementations: `choreo.sqlite`, `choreo.kafka`, `choreo.memory`.
+Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
 
 from __future__ import annotations
@@ -443,7 +443,7 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
 
     Understood: `memory://`; `sqlite:///relative.db` and `sqlite:////absolute.db`, with
     optional query settings `durability=full|normal` and `lock_timeout=SECONDS`; and
-    `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.kafka.KafkaSettings`.
+    `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.stores.kafka.KafkaSettings`.
 
     With `create=False` the store is opened to read only and nothing is created or
     written: on SQLite a missing file raises `StoreNotFound` naming it, and so does
@@ -453,11 +453,11 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
     parts = urlsplit(url)
     if parts.scheme == "memory":
-        from choreo.memory import InMemoryStore
+        from choreo.stores.memory import InMemoryStore
 
         return InMemoryStore()
     if parts.scheme == "sqlite" and url.startswith("sqlite:///"):
-        from choreo.sqlite import SQLiteStore
+        from choreo.stores.sqlite import SQLiteStore
 
         settings: dict[str, Any] = dict(parse_qsl(parts.query))
         unknown = set(settings) - {"durability", "lock_timeout"}
@@ -471,7 +471,7 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
         path = url[len("sqlite:///") :].split("?", 1)[0]
         return SQLiteStore(path, **{**settings, **options, "create": create})
     if parts.scheme == "kafka":
-        from choreo.kafka import open_kafka
+        from choreo.stores.kafka import open_kafka
 
         return open_kafka(url, create=create, **options)
     raise StoreURLError(

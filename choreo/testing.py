@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from choreo.events import Envelope, Event
 from choreo.runner import Runner
-from choreo.memory import InMemoryStore
+from choreo.stores.memory import InMemoryStore
 from choreo.system import System
 
 

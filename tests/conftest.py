@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from choreo import InMemoryStore, open_store
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 
 pytest_plugins = ["choreo.pytest_plugin"]
 

@@ -38,7 +38,7 @@ from choreo import (
 from choreo.cli import main
 from choreo.operations import find_dead_letter, force_compensation, list_dead_letters, request_retry
 from choreo.projection import dumps
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore
 from services import TARGETS, orders, system
 from services.checks import check_invariants, read_facts

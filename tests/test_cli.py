@@ -20,7 +20,7 @@ from choreo import _cli_common
 from choreo._cli_common import exit_code
 from choreo.cli import build_parser, main
 from choreo.errors import LogRewound, StoreNotFound
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 from services import system
 from services.demo import plan
 

@@ -24,7 +24,7 @@ import pytest
 
 from choreo import Envelope, Runner, StoreError, clock, open_store
 from choreo.operations import list_dead_letters
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 from services import TARGETS, system
 from services.checks import check_invariants, read_facts
 from services.demo import plan

@@ -13,7 +13,7 @@ import pytest
 from kafka import KafkaProducer
 
 from choreo import Processor, StoreError, open_store
-from choreo.kafka import KafkaStore, decode_record, encode_record
+from choreo.stores.kafka import KafkaStore, decode_record, encode_record
 from choreo.store import Interest
 from choreo.tansu import free_port
 from services import inventory
@@ -142,7 +142,7 @@ def test_an_unreachable_broker_is_named_in_one_clear_error(tmp_path, caplog) -> 
     started = time.monotonic()
     with pytest.raises(StoreError, match=f"Kafka broker not reachable at {address}"):
         open_store(f"kafka://{address}?state={tmp_path}&request_timeout_ms=1000")
-    with caplog.at_level(logging.WARNING, logger="choreo.kafka"):
+    with caplog.at_level(logging.WARNING, logger="choreo.stores.kafka"):
         with pytest.raises(StoreError, match="not reachable"):
             open_store(f"kafka://{address}?state={tmp_path}&request_timeout_ms=500&wait=1.5")
     assert any("waiting for Kafka at " + address in r.getMessage() for r in caplog.records)

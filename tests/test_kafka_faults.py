@@ -16,10 +16,10 @@ from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
 
 from choreo import Context, Envelope, Event, Processor, SagaProjection, Service, StoreError, open_store
-from choreo._kafka_relay import UNPUBLISHED
+from choreo.stores._kafka_relay import UNPUBLISHED
 from choreo.errors import EventTooLarge, LogRewound
 from choreo.events import encode_payload
-from choreo.kafka import KafkaStore, encode_record, record_size
+from choreo.stores.kafka import KafkaStore, encode_record, record_size
 from choreo.runner import run_processor
 from choreo.tansu import TansuBroker
 

@@ -20,7 +20,7 @@ from choreo import Envelope, SagaFilter, SagaProjection, open_store
 from choreo.errors import StoreError
 from choreo.projection import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT, dumps
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore
 from choreo.testing import TestSystem
 from services.contracts import OrderConfirmed, OrderPlaced

@@ -1,4 +1,4 @@
-"""Wake-ups on SQLite (choreo._wakeup): a waiting reader is woken by a commit in any process.
+"""Wake-ups on SQLite (choreo.stores._wakeup): a waiting reader is woken by a commit in any process.
 
 Unless a test is about the fallback to polling, every reader here looks at the log only
 every 60 s by itself (`poll_interval=60`), and the tests give up after 30 s: a reader that
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from choreo import _wakeup
-from choreo.sqlite import SQLiteStore
+from choreo.stores import _wakeup
+from choreo.stores.sqlite import SQLiteStore
 from tests.store_contract import envelope
 
 FALLBACK = 60.0  # a reader's own poll: far beyond the tests' patience
@@ -31,7 +31,7 @@ needs_sockets = pytest.mark.skipif(not _wakeup._SUPPORTED, reason="no Unix datag
 READER = textwrap.dedent(
     """
     import sys, time
-    from choreo.sqlite import SQLiteStore
+    from choreo.stores.sqlite import SQLiteStore
 
     store = SQLiteStore(sys.argv[1], poll_interval=float(sys.argv[2]))
     started = time.monotonic()

@@ -2,12 +2,12 @@
 
 - Integration events live in one topic (default `choreo.events`), keyed by saga id,
   so one saga's events stay in order in one partition. The message value is the
-  envelope as UTF-8 JSON; headers repeat the metadata (`choreo._kafka_records`).
+  envelope as UTF-8 JSON; headers repeat the metadata (`choreo.stores._kafka_records`).
 - Each service is a consumer group; its replicas split the partitions. A service
   keeps its own SQLite file (`STATE/svc-NAME.db`) with its aggregates, its tracking
   per `topic:partition` (position = offset + 1), the ids it handled, its dead letters,
   and an outbox of emitted events, all written in the handler's one transaction.
-- The outbox is published by the relay (`choreo._kafka_relay`) through `deliver()`,
+- The outbox is published by the relay (`choreo.stores._kafka_relay`) through `deliver()`,
   which reports, record by record, what the broker acknowledged, what it refuses for
   good (too large, invalid) and what failed for now. A producer the broker no longer
   knows (it restarted empty) is replaced.
@@ -32,11 +32,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from choreo._kafka_records import WIRE_FIELDS, decode_record, encode_record, record_size
-from choreo._kafka_relay import _KafkaServiceStore
+from choreo.stores._kafka_records import WIRE_FIELDS, decode_record, encode_record, record_size
+from choreo.stores._kafka_relay import _KafkaServiceStore
 from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreNotFound, StoreURLError
 from choreo.events import Envelope
-from choreo.sqlite import SQLiteStore
+from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name
 
 try:
@@ -52,7 +52,7 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only without the ext
 
 __all__ = ["Delivery", "KafkaSettings", "KafkaStore", "decode_record", "encode_record", "open_kafka", "record_size"]
 
-log = logging.getLogger("choreo.kafka")
+log = logging.getLogger("choreo.stores.kafka")
 
 #: kafka-python checks record CRCs with the crc32c package when it is installed
 _FAST_CRC = importlib.util.find_spec("crc32c") is not None
@@ -354,7 +354,7 @@ class KafkaStore(EventStore):
     def documents(self, name: str) -> DocumentStore:
         check_service_name(name)
         if self.read_only and not os.path.exists(os.path.join(self.settings.state, "readmodels.db")):
-            from choreo.memory import InMemoryStore
+            from choreo.stores.memory import InMemoryStore
 
             return InMemoryStore().documents(name)  # never written: it reads as empty
         return self.local("readmodels.db").documents(name)

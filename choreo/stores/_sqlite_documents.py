@@ -1,4 +1,4 @@
-"""A read model's documents in the SQLite store (see `choreo.sqlite`, which opens it).
+"""A read model's documents in the SQLite store (see `choreo.stores.sqlite`, which opens it).
 
 Tables, created by the read model's first write (until then it reads as empty):
 
@@ -25,7 +25,7 @@ from choreo.errors import ConcurrencyConflict
 from choreo.store import DocumentStore, Tracking
 
 if TYPE_CHECKING:
-    from choreo.sqlite import SQLiteStore, _Cursor
+    from choreo.stores.sqlite import SQLiteStore, _Cursor
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rm_{name}_documents (key TEXT PRIMARY KEY, doc TEXT NOT NULL);

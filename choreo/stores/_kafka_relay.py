@@ -37,9 +37,9 @@ from choreo.store import DeadLetter, ServiceStore, Tracking
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from choreo.kafka import KafkaStore
+    from choreo.stores.kafka import KafkaStore
 
-log = logging.getLogger("choreo.kafka")
+log = logging.getLogger("choreo.stores.kafka")
 
 #: the status of a dead letter for an emitted event Kafka refused to take
 UNPUBLISHED = "unpublished"

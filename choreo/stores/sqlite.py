@@ -1,6 +1,6 @@
 """The SQLite event store: one database file in WAL mode, shared by every service.
 
-This module and `choreo._sqlite_documents` (a read model's tables, which this store
+This module and `choreo.stores._sqlite_documents` (a read model's tables, which this store
 opens) are the only ones that speak SQL. Tables:
 
 - `choreo_log`: the shared log of integration events; `position` is the global order.
@@ -12,7 +12,7 @@ opens) are the only ones that speak SQL. Tables:
 - `svc_<name>_deadlines`: the service's deadlines (scheduled, cancelled, fired).
 - `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
 
-A reader waiting for the log is woken by a commit in any process: see `choreo._wakeup`
+A reader waiting for the log is woken by a commit in any process: see `choreo.stores._wakeup`
 (Unix datagram sockets in the folder `<database>-wake/`).
 
 Every write is a `BEGIN IMMEDIATE` transaction, so a writer waits for the lock
@@ -45,8 +45,8 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
-from choreo._sqlite_documents import SQLiteDocumentStore
-from choreo._wakeup import Wakeup
+from choreo.stores._sqlite_documents import SQLiteDocumentStore
+from choreo.stores._wakeup import Wakeup
 from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
 from choreo.errors import (
     ConcurrencyConflict, EventIdTaken, StoreCorrupt, StoreError, StoreLocked, StoreNotFound, StoreURLError,
@@ -134,7 +134,7 @@ class SQLiteStore(LogStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        # a waiting reader is woken by commits in any process (see choreo._wakeup): it looks at the log
+        # a waiting reader is woken by commits in any process (see choreo.stores._wakeup): it looks at the log
         # every `poll_interval` seconds only as a fallback (default 1 s; 10 ms when it cannot be woken)
         self._wakeup = Wakeup(self.path, listen=create and wakeup, poll=poll_interval)
         self._log_made = False  # until the log's table exists (from then on, _write tells if it grew)

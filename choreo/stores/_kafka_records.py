@@ -7,7 +7,7 @@ Any Kafka client can read a record (docs/kafka.md, "The record format"):
 - the headers `choreo-type`, `choreo-event-id` and, when set, `choreo-outcome` let a
   consumer skip the records it does not want without decoding their value.
 
-`choreo.kafka` re-exports these functions.
+`choreo.stores.kafka` re-exports these functions.
 """
 
 from __future__ import annotations
