@@ -1,12 +1,15 @@
 """The changes of one batch: aggregates touched and events emitted, committed together.
 
 When a service handles several sagas at once, each event is handled in a `SagaView`
-of the batch's unit of work: the view works on private copies of the aggregates it
-touches and claims each of them for as long as it runs. A view that touches an
-aggregate another view has claimed is abandoned (`Busy`) and run again once that view
-is done, and a view that finished merges its copies and its events into the batch. So
-the batch's effects are those of handling its events one at a time, in some order that
-keeps each saga's log order (conflict-serializable: every claim is held to the end).
+of the batch's unit of work. The view claims each aggregate it touches for as long as
+it runs, and works on the batch's own object of it (no copy: nobody else may touch it
+while it is claimed). A view that touches an aggregate another view has claimed is
+abandoned (`Busy`) and run again once that view is done; a view that fails or is
+abandoned puts back every aggregate it changed (rebuilt from the store and the batch's
+earlier events of it), and a view that succeeds leaves its changes and events in the
+batch. So the batch's effects are those of handling its events one at a time, in some
+order that keeps each saga's log order (conflict-serializable: every claim is held to
+the end).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import asyncio
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from copy import deepcopy
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.persistence import Mapper, StoredEvent
@@ -207,7 +209,7 @@ class Claims:
 
 
 class SagaView(UnitOfWork):
-    """One event's handling inside a batch: private copies of what it touches, merged when it succeeds."""
+    """One event's handling inside a batch: claims what it touches, and puts it back unless it succeeds."""
 
     def __init__(self, batch: UnitOfWork, claims: Claims, woken_for: UUID | None = None) -> None:
         super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache)
@@ -215,6 +217,8 @@ class SagaView(UnitOfWork):
         self.claims = claims
         #: the aggregate whose release woke this view (run again after a `Busy`), if any
         self.woken_for = woken_for
+        #: for each aggregate it took from the batch, how many of its pending events came before
+        self._marks: dict[UUID, int] = {}
         self.resolved = list(batch.resolved)
         self.released = set(batch.released)
         self.holds = batch.holds  # kept by the batch: sagas that failed earlier in it
@@ -224,9 +228,10 @@ class SagaView(UnitOfWork):
         if agg_id in self.aggregates:
             return self.aggregates[agg_id]
         self.claims.take(agg_id, self)
-        agg = self.batch.get(agg_id)
-        self.aggregates[agg_id] = mine = _copy(agg) if agg is not None else None
-        return mine
+        agg = self.aggregates[agg_id] = self.batch.get(agg_id)
+        if agg is not None:
+            self._marks[agg_id] = len(agg._pending_events)
+        return agg
 
     def add(self, agg: Aggregate) -> None:
         self.claims.take(agg.id, self)
@@ -240,8 +245,8 @@ class SagaView(UnitOfWork):
         for agg_id, agg in self.aggregates.items():
             if agg is not None:
                 before = self.batch.aggregates.get(agg_id)
-                if before is not None:  # the batch's events of it come first, then this view's
-                    agg._pending_events[:0] = before._pending_events
+                if before is not None and before is not agg:  # created anew: the batch's events come first
+                    agg._pending_events[:0] = before._pending_events[: self._marks.get(agg_id, 0)]
                 self.batch.aggregates[agg_id] = agg
         self.batch.emitted.extend(self.emitted)
         self.batch.deadlines.extend(self.deadlines)
@@ -251,13 +256,27 @@ class SagaView(UnitOfWork):
         self.batch.skipped_new.update(self.skipped_new)
 
     def discard(self) -> None:
-        """Drop what this view did: its copies were never seen by anyone else."""
+        """Put back every aggregate of the batch this view changed (call before releasing its claims).
+
+        An aggregate changes only by its events, so one with no new pending events is as it
+        was. One that has them is rebuilt from its committed events and the batch's earlier
+        ones (rare: a handler that failed, or met a claimed aggregate, after it changed one).
+        """
+        for agg_id, mark in self._marks.items():
+            agg = self.batch.aggregates.get(agg_id)
+            if agg is not None and len(agg._pending_events) > mark:
+                self.batch.aggregates[agg_id] = _rebuilt(agg, mark, self.store, self.mapper)
+                self.cache.evict([agg_id])
 
 
-def _copy(agg: Aggregate) -> Aggregate:
-    """A private copy of an aggregate's state, without the events the batch has not committed yet."""
-    pending, agg._pending_events = agg._pending_events, []
-    try:
-        return deepcopy(agg)
-    finally:
-        agg._pending_events = pending
+def _rebuilt(agg: Aggregate, mark: int, store: ServiceStore, mapper: Mapper[UUID]) -> Aggregate:
+    """`agg` as it was with only its first `mark` pending events: its committed events, then those."""
+    earlier = agg._pending_events[:mark]
+    fresh: Aggregate | None = None
+    for stored in store.load(agg.id):
+        fresh = mapper.to_domain_event(stored).mutate(fresh)  # type: ignore[attr-defined]
+    for event in earlier:
+        fresh = event.mutate(fresh)  # type: ignore[attr-defined]
+    assert fresh is not None
+    fresh._pending_events = list(earlier)
+    return fresh

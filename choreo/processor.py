@@ -347,11 +347,13 @@ class Processor(Parking, Timers):
             try:
                 await self._handle(env, view)
             except Busy as busy:  # another saga's handler holds an aggregate: run again after it
+                view.discard()
                 claims.release(view)
                 await busy.done.wait()
                 woken_for = busy.agg_id
                 continue
             except Exception as e:
+                view.discard()
                 claims.release(view)
                 uow.letters.append(self._letter(env, e, uow))
                 uow.holds.add(env.saga_id)
