@@ -276,7 +276,7 @@ def _rebuilt(agg: Aggregate, mark: int, store: ServiceStore, mapper: Mapper[UUID
     for stored in store.load(agg.id):
         fresh = mapper.to_domain_event(stored).mutate(fresh)  # type: ignore[attr-defined]
     for event in earlier:
-        fresh = event.mutate(fresh)  # type: ignore[attr-defined]
+        fresh = event.mutate(fresh)
     assert fresh is not None
     fresh._pending_events = list(earlier)
     return fresh

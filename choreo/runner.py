@@ -55,14 +55,21 @@ class Runner:
         return self.system.start(self.store, event, saga_id=saga_id)
 
     def run_until_idle(self, max_rounds: int = 1_000_000, *, retry_wait: float = 10.0) -> int:
-        """Process in this thread, service by service, until no service has work; return events read.
+        """Process in this thread until no service has work; return events read.
 
-        Scheduled retries due within `retry_wait` seconds are waited for (choreo's clock:
-        under a frozen clock nothing is waited for); later ones are left scheduled.
+        Services with plain handlers only run one after another. When one needs an event
+        loop (async handlers, concurrency, threads), all run as tasks of one loop, so one
+        service's handlers run while another's wait. Scheduled retries due within
+        `retry_wait` seconds are waited for (choreo's clock: under a frozen clock nothing
+        is waited for); later ones are left scheduled.
         """
+        together = any(p.needs_loop for p in self.processors)
         total = 0
         for _ in range(max_rounds):
-            n = sum(p.run_until_idle(retry_wait=0) for p in self.processors)
+            if together:
+                n = asyncio.run(_drain_together(self.processors))
+            else:
+                n = sum(p.run_until_idle(retry_wait=0) for p in self.processors)
             total += n
             if n == 0 and not wait_for_retries(self.processors, retry_wait):
                 return total
@@ -102,6 +109,18 @@ class Runner:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _drain_together(processors: Iterable[Processor]) -> int:
+    """Each processor polls until it has nothing new, all at once in this loop; return events read."""
+
+    async def drain(p: Processor) -> int:
+        total = 0
+        while n := await p.apoll():
+            total += n
+        return total
+
+    return sum(await asyncio.gather(*(drain(p) for p in processors)))
 
 
 class _Stop(Protocol):
