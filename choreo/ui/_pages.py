@@ -21,6 +21,15 @@ def e(value: Any) -> str:
     return "-" if value is None else escape(str(value))
 
 
+def when(value: Any) -> str:
+    """A stored ISO time, shorter (to the millisecond, no offset if UTC), with the full value as its tooltip."""
+    if not value:
+        return "-"
+    text = str(value)
+    short = text.replace("T", " ")[:23] if text.endswith("+00:00") else text.replace("T", " ")
+    return f'<time datetime="{e(text)}" title="{e(text)}">{e(short)}</time>'
+
+
 def layout(title: str, body: str, *, active: str, live: bool = False, status: str = "") -> str:
     """A whole page: the navigation, `body`, the shipped CSS and script; `live` pages poll for updates."""
     nav = "".join(
@@ -72,8 +81,8 @@ def sagas_page(counts: Mapping[str, int], sagas: Sequence[dict[str, Any]], param
     rows = "".join(
         f'<tr><td><a href="/sagas/{e(s["saga_id"])}" class="saga-link">{e(s["saga_id"])}</a></td>'
         f'<td>{e(keys.get(s["saga_id"]))}</td><td>{e(s["saga_type"])}</td><td>{badge(s["state"])}</td>'
-        f'<td>{e(s["started_at"])}</td><td>{e(s["updated_at"])}</td>'
-        f'<td class="cause">{e(s["cause"] or "")}{" · parked" if s.get("parked") else ""}</td></tr>'
+        f'<td>{when(s["started_at"])}</td><td>{when(s["updated_at"])}</td>'
+        f'<td class="cause">{e(s["cause"] or "")}{badge("parked") if s.get("parked") else ""}</td></tr>'
         for s in sagas
     )
     pages = max(1, -(-total // PAGE_SIZE))
@@ -93,8 +102,8 @@ def saga_page(saga: dict[str, Any], *, as_of: int | None, last_position: int, ke
     sid = e(saga["saga_id"])
     summary = f"""<h1>Saga <code>{sid}</code> {badge(saga['state'])}</h1>
 <dl class="summary"><dt>type</dt><dd>{e(saga['saga_type'])}</dd><dt>business key</dt><dd>{e(key)}</dd>
-<dt>started</dt><dd>{e(saga['started_at'])}</dd><dt>ended</dt><dd>{e(saga['ended_at'])}</dd>
-<dt>last event</dt><dd>{e(saga['updated_at'])}</dd>
+<dt>started</dt><dd>{when(saga['started_at'])}</dd><dt>ended</dt><dd>{when(saga['ended_at'])}</dd>
+<dt>last event</dt><dd>{when(saga['updated_at'])}</dd>
 <dt>cause</dt><dd class="cause">{e(saga['cause'])}</dd>
 {f"<dt>unknown events</dt><dd>{saga['unknown_events']}</dd>" if saga.get('unknown_events') else ""}</dl>"""
     positions = [entry["position"] for entry in saga["timeline"]]
@@ -110,7 +119,7 @@ def saga_page(saga: dict[str, Any], *, as_of: int | None, last_position: int, ke
     step_rows = "".join(
         f'<tr class="step {e(step["status"])}"><td>{e(name)}</td><td>{e(step["service"])}</td>'
         f'<td>{badge(step["status"])}</td><td>{step.get("attempts", 1 if step["events"] else 0)}</td>'
-        f'<td>{e(step.get("parked", ""))}</td>'
+        f'<td>{_parked(saga, step)}</td>'
         f'<td>{", ".join(_event_label(saga, ev) for ev in step["events"]) or "-"}</td></tr>'
         for name, step in saga["steps"].items()
     )
@@ -127,6 +136,15 @@ def saga_page(saga: dict[str, Any], *, as_of: int | None, last_position: int, ke
                   f'{"" if can_write else " <span class=muted>(read-only console)</span>"}</p>')
     diagram = f'<h2>Sequence</h2><div class="diagram">{sequence_svg(saga["timeline"])}</div>'
     return summary + asof + banner + action + steps + parked + diagram + "<h2>Causation</h2>" + causation_tree(saga)
+
+
+def _parked(saga: Mapping[str, Any], step: Mapping[str, Any]) -> str:
+    """Why the step's event was parked: shown as waiting while the saga has parked events, else as past."""
+    if not step.get("parked"):
+        return ""
+    if saga.get("parked"):
+        return f'{badge("parked")} <span class="cause">{e(step["parked"])}</span>'
+    return f'<span class="muted">was parked: {e(step["parked"])}</span>'
 
 
 def _event_label(saga: Mapping[str, Any], event_id: str) -> str:
@@ -152,7 +170,7 @@ def causation_tree(saga: Mapping[str, Any]) -> str:
             extra = "".join(f' <span class="note">{e(k)}: {e(entry[k])}</span>'
                             for k in ("cause", "note", "unknown") if entry.get(k))
             items.append(f'<li><span class="pos">#{entry["position"]}</span> <b>{e(entry["service"])}</b> '
-                         f'{e(entry["type"])}{outcome}{extra} <span class="muted">{e(entry["occurred_at"])}</span>'
+                         f'{e(entry["type"])}{outcome}{extra} <span class="muted">{when(entry["occurred_at"])}</span>'
                          f'{walk(entry["event_id"])}</li>')
         return f'<ul class="tree">{"".join(items)}</ul>' if items else ""
 
@@ -166,7 +184,7 @@ def letters_page(letters: Sequence[DeadLetter], status: str, statuses: Sequence[
     rows = "".join(
         f'<tr><td><a href="/dead-letters/{e(d.service)}/{d.id}" class="letter-link">{e(d.service)}:{d.id}</a></td>'
         f'<td>{badge(d.status)}</td><td><a href="/sagas/{e(d.saga_id)}">{e(d.saga_id)}</a></td><td>{e(d.type)}</td>'
-        f'<td>{d.attempts}</td><td>{e(d.last_failed_at.isoformat())}</td><td class="cause">{e(d.reason)}</td></tr>'
+        f'<td>{d.attempts}</td><td>{when(d.last_failed_at.isoformat())}</td><td class="cause">{e(d.reason)}</td></tr>'
         for d in letters
     )
     table = (f'<table class="letters"><thead><tr><th>ref</th><th>status</th><th>saga</th><th>event</th>'
@@ -188,10 +206,22 @@ def letter_page(d: DeadLetter, can_write: bool) -> str:
 <dl class="summary"><dt>saga</dt><dd><a href="/sagas/{e(d.saga_id)}">{e(d.saga_id)}</a></dd>
 <dt>event</dt><dd>{e(d.type)} <span class="muted">{e(d.event_id)} at position {d.position}</span></dd>
 <dt>reason</dt><dd class="cause">{e(d.reason)}</dd><dt>attempts</dt><dd>{d.attempts}</dd>
-<dt>first failed</dt><dd>{e(d.first_failed_at.isoformat())}</dd><dt>last failed</dt><dd>{e(d.last_failed_at.isoformat())}</dd>
-{f"<dt>next attempt</dt><dd>{e(d.due_at.isoformat())}</dd>" if d.due_at else ""}</dl>
+<dt>first failed</dt><dd>{when(d.first_failed_at.isoformat())}</dd>
+<dt>last failed</dt><dd>{when(d.last_failed_at.isoformat())}</dd>
+{f"<dt>next attempt</dt><dd>{when(d.due_at.isoformat())}</dd>" if d.due_at else ""}</dl>
 <h2>Error</h2><pre class="error">{e(d.error)}</pre>
-<h2>Envelope</h2><pre class="envelope">{e(json.dumps(d.envelope, indent=2, sort_keys=True, default=str))}</pre>"""
+<h2>Envelope</h2><pre class="envelope">{e(json.dumps(_readable(d.envelope), indent=2, sort_keys=True, default=str))}</pre>"""
+
+
+def _readable(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope with its payload as JSON, not as a string of JSON (kept as stored if it is not JSON)."""
+    shown = dict(envelope)
+    if isinstance(shown.get("payload"), str):
+        try:
+            shown["payload"] = json.loads(shown["payload"])
+        except ValueError:
+            pass
+    return shown
 
 
 def confirm_page(*, title: str, what: str, cli: str, action: str, needs_reason: bool, can_write: bool,

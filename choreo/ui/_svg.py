@@ -63,46 +63,50 @@ def sequence_svg(timeline: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def graph_svg(columns: Sequence[Sequence[tuple[str, str, str]]], edges: Sequence[tuple[str, str, str, str]]) -> str:
-    """A layered graph: `columns` of nodes (id, label, kind), left to right; `edges` (from, to, label, kind).
+def graph_svg(layers: Sequence[Sequence[tuple[str, str, str]]], edges: Sequence[tuple[str, str, str, str]]) -> str:
+    """A layered graph, top to bottom: `layers` of nodes (id, label, kind); `edges` (from, to, label, kind).
 
-    Services are boxes, event types rounded pills; an edge's kind is its CSS class
-    (`handles`, `step`, `compensation`, `emits`, `observed`).
+    Services are dark boxes, event types rounded pills; an edge's kind is its CSS class
+    (`handles`, `step`, `compensation`, `emits`, `observed`). An edge to a node that is not
+    below goes round the right-hand side.
     """
-    col, row, left, top = 230, 46, 20, 20
+    box_w, box_h, gap, row, margin = 160, 28, 22, 74, 20
+    widest = max((len(layer) for layer in layers), default=1)
+    width = margin * 2 + widest * (box_w + gap) + 80
+    height = margin * 2 + row * max(1, len(layers))
     pos: dict[str, tuple[float, float]] = {}
-    height = top * 2 + row * max((len(c) for c in columns), default=1)
-    width = left * 2 + col * max(1, len(columns))
-    for i, column in enumerate(columns):
-        offset = (height - row * len(column)) / 2
-        for j, (node, _, _) in enumerate(column):
-            pos[node] = (left + i * col, offset + j * row)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="system graph">',
+    for i, layer in enumerate(layers):
+        offset = margin + (widest - len(layer)) * (box_w + gap) / 2
+        for j, (node, _, _) in enumerate(layer):
+            pos[node] = (offset + j * (box_w + gap), margin + i * row)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" width="{width:.0f}" height="{height}" '
+           f'viewBox="0 0 {width:.0f} {height}" role="img" aria-label="system graph">',
            '<defs><marker id="garrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="head"/></marker></defs>']
-    box_w, box_h = 170, 28
     for a, b, label, kind in edges:
         if a not in pos or b not in pos:
             continue
         (ax, ay), (bx, by) = pos[a], pos[b]
-        x1, y1 = ax + box_w, ay + box_h / 2
-        x2, y2 = bx, by + box_h / 2
-        if bx <= ax:  # a backward edge goes round below
-            x1, x2 = ax + box_w / 2, bx + box_w / 2
-            y1, y2 = ay + box_h, by + box_h
-            d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{y1 + 60:.0f} {x2:.0f},{y2 + 60:.0f} {x2:.0f},{y2:.0f}"
-        else:
-            mid = (x1 + x2) / 2
-            d = f"M{x1:.0f},{y1:.0f} C{mid:.0f},{y1:.0f} {mid:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"
-        title = escape(f"{a} → {b}" + (f" ({label})" if label else ""))
+        if by > ay:
+            x1, y1, x2, y2 = ax + box_w / 2, ay + box_h, bx + box_w / 2, by
+            mid = (y1 + y2) / 2
+            d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2:.0f}"
+        else:  # back up (or across): round the outer side (left of the middle: the left-hand one)
+            left_side = ax + box_w / 2 < width / 2
+            x1 = ax if left_side else ax + box_w
+            x2 = bx if left_side else bx + box_w
+            y1, y2 = ay + box_h / 2, by + box_h / 2
+            reach = 40 + abs(y1 - y2) / 6
+            bulge = min(x1, x2) - reach if left_side else max(x1, x2) + reach
+            d = f"M{x1:.0f},{y1:.0f} C{bulge:.0f},{y1:.0f} {bulge:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"
+        title = escape(f"{a[2:]} → {b[2:]}" + (f" ({label})" if label else ""))
         out.append(f'<path d="{d}" class="edge {kind}" marker-end="url(#garrow)" fill="none"><title>{title}</title></path>')
-    for column in columns:
-        for node, label, kind in column:
+    for layer in layers:
+        for node, label, kind in layer:
             nx, ny = pos[node]
             rx = 4 if kind == "service" else 14
             out.append(f'<g class="node {kind}"><title>{escape(label)}</title>'
                        f'<rect x="{nx:.0f}" y="{ny:.0f}" width="{box_w}" height="{box_h}" rx="{rx}"/>')
-            out.append(_text(nx + box_w / 2, ny + 18, _short(label, 24), "label") + "</g>")
+            out.append(_text(nx + box_w / 2, ny + 18, _short(label, 22), "label") + "</g>")
     out.append("</svg>")
     return "\n".join(out)

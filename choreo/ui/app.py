@@ -34,7 +34,7 @@ from choreo.system import System
 from choreo.ui._graph import flow_of, layers
 from choreo.ui._live import Console
 from choreo.ui._pages import (
-    PAGE_SIZE, confirm_page, layout, letter_page, letters_page, message_page, saga_page, sagas_page, system_page,
+    PAGE_SIZE, confirm_page, e, layout, letter_page, letters_page, message_page, saga_page, sagas_page, system_page,
 )
 from choreo.ui._svg import graph_svg
 
@@ -158,11 +158,11 @@ def create_app(
         d, action = letter_of(request), request.path_params["action"]
         ref = f"{d.service}:{d.id}"
         if action == "retry":
-            what = (f"Ask <b>{d.service}</b> to run the parked <b>{d.type}</b> of saga <code>{d.saga_id}</code> "
+            what = (f"Ask <b>{e(d.service)}</b> to run the parked <b>{e(d.type)}</b> of saga <code>{e(d.saga_id)}</code> "
                     "again, then the events held behind it: one <code>choreo.RetryRequested</code> event is "
                     "appended to the log.")
         else:
-            what = (f"Ask <b>{d.service}</b> to mark the parked <b>{d.type}</b> of saga <code>{d.saga_id}</code> "
+            what = (f"Ask <b>{e(d.service)}</b> to mark the parked <b>{e(d.type)}</b> of saga <code>{e(d.saga_id)}</code> "
                     "handled without running it: one <code>choreo.SkipRequested</code> event is appended to the log.")
         body = confirm_page(title=f"{action.capitalize()} {ref}", what=what, cli=f"choreo dlq {action} {ref}",
                             action=f"/dead-letters/{d.service}/{d.id}/{action}", needs_reason=action == "skip",
@@ -174,7 +174,7 @@ def create_app(
         saga_id = request.path_params["saga_id"]
         if console.overlay.get(saga_id) is None:
             raise Problem(404, "No such saga", f"no saga {saga_id!r} in {url}")
-        what = (f"Fail saga <code>{saga_id}</code> so that every participant compensates what it completed: one "
+        what = (f"Fail saga <code>{e(saga_id)}</code> so that every participant compensates what it completed: one "
                 "<code>choreo.CompensationRequested</code> event is appended to the log; the service that started "
                 "the saga fails it, unless it ended first.")
         body = confirm_page(title=f"Force compensation of {saga_id}", what=what,
