@@ -280,3 +280,35 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("CHOREO_STORE", "CHOREO_SYSTEM", "CHOREO_UI_TOKEN")}
+
+
+@pytest.mark.slow
+def test_the_console_reads_a_kafka_store(kafka_url: str) -> None:
+    from services.demo import plan, run_demo
+
+    open_store(kafka_url).close()  # the topic
+    summary = run_demo(kafka_url, orders=12, seed=7, timeout=120)
+    assert summary["ended"] == 12, summary
+    planned = plan(12, 7)
+    failed = next(saga_id for saga_id, _, state, _ in planned if state == "failed")
+    with TestClient(create_app(kafka_url, system, token=TOKEN)) as http:
+        overview = http.get("/sagas")
+        assert overview.status_code == 200
+        assert len(re.findall(r'class="saga-link"', overview.text)) == 12
+        saga = http.get(f"/sagas/{failed}")
+        assert http.get("/dead-letters").status_code == 200
+        assert http.get("/system").status_code == 200
+    # what the console shows is what the projection, updated by a writer, says
+    store = open_store(kafka_url)
+    try:
+        projection = SagaProjection(store, sagas=system.sagas)
+        projection.update()
+        expected = projection.get(failed)
+        counts = projection.counts()
+    finally:
+        store.close()
+    assert expected is not None and expected["cause"]
+    assert saga.status_code == 200 and f'<span class="badge {expected["state"]}">' in saga.text
+    assert expected["cause"].replace("'", "&#x27;") in saga.text
+    for state, n in counts.items():
+        assert f'<b>{n}</b><span>{state}</span>' in overview.text

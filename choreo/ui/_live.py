@@ -100,9 +100,10 @@ class Console:
         base = self.projection.documents if self.stale is None else None
         self.overlay = _Overlay(base)
         self.projection.documents = self.overlay
-        tracking = dict(base.tracking()) if base is not None else {}
-        self._fold_feed = store.feed(f"console-{uuid4()}", lambda: dict(tracking), group=False)
-        self._index_feed = store.feed(f"console-index-{uuid4()}", dict, group=False)
+        #: where the stored projection stands: the log's events after it are folded in memory
+        self._base: Tracking = dict(base.tracking()) if base is not None else {}
+        # one reader of the whole log, from its start: it indexes every event and folds those after `_base`
+        self._feed = store.feed(f"console-{uuid4()}", dict, group=False)
         #: saga id -> the text fields of its start event (order_id, customer_id, ...)
         self.keys: dict[str, dict[str, str]] = {}
         #: (service, event type) -> how many such events the log holds
@@ -111,17 +112,16 @@ class Console:
         self.head: Tracking = {}
 
     def refresh(self) -> int:
-        """Read what the log gained (up to `REFRESH_ROWS` rows per feed); return how many rows were read."""
+        """Read what the log gained (up to `REFRESH_ROWS` rows); return how many rows were read."""
         with self.lock:
             read = 0
-            while read < REFRESH_ROWS and (rows := self._fold_feed.poll_rows(5000)):
-                self.overlay.fold(rows, self.projection.catalog)
-                read += len(rows)
-            indexed = 0
-            while indexed < REFRESH_ROWS and (rows := self._index_feed.poll_rows(5000)):
+            while read < REFRESH_ROWS and (rows := self._feed.poll_rows(5000, self.store.idle_timeout if not read else 0)):
                 self._index(rows)
-                indexed += len(rows)
-            return read + indexed
+                base = self._base
+                self.overlay.fold([r for r in rows if r[0] > base.get(r[11], 0)] if base else rows,
+                                  self.projection.catalog)
+                read += len(rows)
+            return read
 
     def _index(self, rows: Sequence[tuple[Any, ...]]) -> None:
         starts = self.projection.catalog.by_start
@@ -165,6 +165,5 @@ class Console:
     def close(self) -> None:
         """Leave the log."""
         with self.lock:
-            self._fold_feed.close()
-            self._index_feed.close()
+            self._feed.close()
             self.store.close()
