@@ -312,3 +312,11 @@ def test_the_console_reads_a_kafka_store(kafka_url: str) -> None:
     assert expected["cause"].replace("'", "&#x27;") in saga.text
     for state, n in counts.items():
         assert f'<b>{n}</b><span>{state}</span>' in overview.text
+
+
+def test_choreo_and_its_cli_load_no_web_framework_until_choreo_ui_runs() -> None:
+    code = ("import sys, choreo, choreo.cli; choreo.cli.build_parser(); "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'choreo.ui') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -95,13 +95,13 @@ def flow_of(system: System, observed: Mapping[tuple[str, str], int] = {}) -> Flo
                 events[t] = None
                 edge(f"s:{name}", f"e:{t}", f"{saga} {outcome}", "emits")
             rows.append((f"saga {outcome}", saga, end_type, ", ".join(emits) or "-"))
-    for (service, event_type), _ in sorted(observed.items()):
+    for (emitter, event_type), _ in sorted(observed.items()):
         # what the annotations do not say (a failure raised with StepFailed(...)), once the log holds it
-        if service not in system.services or event_type.startswith("choreo."):
+        if emitter not in system.services or event_type.startswith("choreo."):
             continue
-        if not any((f"s:{service}", f"e:{event_type}", kind) in edges for kind in ("emits", "compensation")):
+        if not any((f"s:{emitter}", f"e:{event_type}", kind) in edges for kind in ("emits", "compensation")):
             events[event_type] = None
-            edge(f"s:{service}", f"e:{event_type}", "seen in the log", "observed")
+            edge(f"s:{emitter}", f"e:{event_type}", "seen in the log", "observed")
     flow.events = list(events)
     flow.edges = [(a, b, label, kind) for (a, b, kind), label in edges.items()]
     return flow
