@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from collections.abc import Iterable
 from typing import Any
 
 from choreo._cli_common import (
@@ -19,6 +20,7 @@ from choreo.errors import StoreNotFound
 from choreo.operations import (
     find_dead_letter, force_compensation, list_dead_letters, request_retry, request_skip,
 )
+from choreo.saga import SagaDefinition
 from choreo.store import DeadLetter, EventStore
 
 STATUSES = ("parked", "retrying", "retried", "skipped", "failed", "unpublished", "all")
@@ -61,19 +63,55 @@ def add_dlq_commands(sub: Any) -> None:
     comp.set_defaults(func=_compensate)
 
 
+def dead_letters_of(
+    store: EventStore, services: Iterable[str], status: str | None, saga_id: str | None = None
+) -> list[DeadLetter]:
+    """The dead letters of these services (a service that never ran on this store has none)."""
+    letters: list[DeadLetter] = []
+    for name in services:
+        try:
+            letters += list_dead_letters(store, [name], status=status, saga_id=saga_id)
+        except StoreNotFound:
+            continue  # no tables: the service never ran on this store
+    return letters
+
+
 def _letters(store: EventStore, args: argparse.Namespace, status: str | None) -> list[DeadLetter]:
     """The dead letters of `--service`, or of every service of the system (a service that never ran has none)."""
     if getattr(args, "service", None):
         return list_dead_letters(store, [args.service], status=status, saga_id=getattr(args, "saga", None))
     system = system_of(args, "the system's service names are needed to look at every service (or give --service NAME)")
     assert system is not None
-    letters: list[DeadLetter] = []
-    for name in sorted(system.services):
-        try:
-            letters += list_dead_letters(store, [name], status=status, saga_id=getattr(args, "saga", None))
-        except StoreNotFound:
-            continue  # no tables: the service never ran on this store
-    return letters
+    return dead_letters_of(store, sorted(system.services), status, getattr(args, "saga", None))
+
+
+# -- the operator's actions: the CLI and the console (`choreo ui`) write the same events ---------
+
+def retry_letters(url: str | None, letters: Iterable[DeadLetter], reason: str = "") -> list[str]:
+    """Ask each letter's service to run it again (`request_retry`); return what was requested, a line each."""
+    done = []
+    with open_existing(url, write=True) as store:
+        for d in letters:
+            request_retry(store, d, reason)
+            done.append(f"retry of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
+    return done
+
+
+def skip_letter(url: str | None, ref: str, reason: str) -> str:
+    """Ask the service of dead letter `ref` (SERVICE:ID) to skip it (`request_skip`); return what was requested."""
+    with open_existing(url) as reader:
+        d = find_dead_letter(reader, ref)
+    with open_existing(url, write=True) as store:
+        request_skip(store, d, reason)
+    return f"skip of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out"
+
+
+def compensate_saga(url: str | None, saga_id: str, reason: str, sagas: Iterable[SagaDefinition] = ()) -> str:
+    """Fail a running saga so that every participant compensates (`force_compensation`); return what was requested."""
+    with open_existing(url, write=True) as store:
+        event_id = force_compensation(store, saga_id, reason, sagas=sagas)
+    return (f"compensation of saga {saga_id} requested (event {event_id}); the service that started it "
+            "fails it, unless it ended first, and its participants compensate")
 
 
 def _row(d: DeadLetter) -> dict[str, Any]:
@@ -123,26 +161,17 @@ def _retry(args: argparse.Namespace) -> int:
     if not targets:
         print("no parked event to retry")
         return 0
-    with open_existing(args.store, write=True) as store:
-        for d in targets:
-            request_retry(store, d, args.reason)
-            print(f"retry of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
+    for line in retry_letters(args.store, targets, args.reason):
+        print(line)
     return 0
 
 
 def _skip(args: argparse.Namespace) -> int:
-    with open_existing(args.store) as reader:
-        d = find_dead_letter(reader, args.ref)
-    with open_existing(args.store, write=True) as store:
-        request_skip(store, d, args.reason)
-    print(f"skip of {d.service}:{d.id} requested (saga {d.saga_id}); {d.service} carries it out")
+    print(skip_letter(args.store, args.ref, args.reason))
     return 0
 
 
 def _compensate(args: argparse.Namespace) -> int:
     system = system_of(args, None)
-    with open_existing(args.store, write=True) as store:
-        event_id = force_compensation(store, args.saga_id, args.reason, sagas=system.sagas if system else ())
-    print(f"compensation of saga {args.saga_id} requested (event {event_id}); the service that started it "
-          "fails it, unless it ended first, and its participants compensate")
+    print(compensate_saga(args.store, args.saga_id, args.reason, system.sagas if system else ()))
     return 0

@@ -1,7 +1,7 @@
 """The `choreo` command line.
 
 Each group of commands lives in its own module: `choreo._run_cli` (run, demo),
-`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq); what they share is
+`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq), `choreo._ui_cli` (ui); what they share is
 in `choreo._cli_common`, with the exit codes.
 """
 
@@ -18,6 +18,7 @@ from choreo._cli_common import BROKEN_PIPE, INTERRUPTED, add_log_options, exit_c
 from choreo._dlq_cli import add_dlq_commands
 from choreo._run_cli import add_run_commands, load_service
 from choreo._sagas_cli import add_saga_commands
+from choreo._ui_cli import add_ui_command
 from choreo.errors import ChoreoError
 
 __all__ = ["build_parser", "load_service", "main"]
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)
     add_saga_commands(sub)
     add_dlq_commands(sub)
+    add_ui_command(sub)
     return parser
 
 

@@ -195,9 +195,15 @@ def test_the_body_has_every_field_of_the_event() -> None:
 
 
 def test_choreo_itself_imports_no_web_framework() -> None:
-    """The `api` extra is the example's: the wheel (only `choreo`) must work without it."""
+    """The `api` extra is the example's: the wheel (only `choreo`) must work without it.
+
+    The console (`choreo/ui/`, and `choreo ui` which imports it when run) is the `ui` extra's:
+    tests/test_ui.py checks that importing choreo and its CLI loads none of it.
+    """
     web = re.compile(r"^\s*(from|import)\s+(fastapi|starlette|uvicorn|httpx|asgi_lifespan)\b", re.M)
-    assert [p.name for p in Path(choreo.__file__).parent.rglob("*.py") if web.search(p.read_text())] == []
+    root = Path(choreo.__file__).parent
+    console = {root / "_ui_cli.py", *(root / "ui").rglob("*.py")}
+    assert [p.name for p in root.rglob("*.py") if p not in console and web.search(p.read_text())] == []
 
 
 async def test_a_body_that_is_not_json_is_422(client: httpx.AsyncClient) -> None:

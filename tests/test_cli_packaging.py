@@ -34,3 +34,5 @@ def test_the_wheel_installs_no_top_level_package_but_choreo(tmp_path: Path) -> N
     assert tops == {"choreo"}
     assert top_level.split() == ["choreo"]
     assert "choreo/py.typed" in names and "choreo/cli.py" in names
+    # the console's assets are package data: it works offline, with nothing from a CDN
+    assert {"choreo/ui/static/console.css", "choreo/ui/static/console.js"} <= set(names)
