@@ -1,7 +1,7 @@
 """The `choreo` command line.
 
 Each group of commands lives in its own module: `choreo._run_cli` (run, demo),
-`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq); what they share is
+`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq), `choreo._check_cli` (check); what they share is
 in `choreo._cli_common`, with the exit codes.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from choreo._cli_common import BROKEN_PIPE, INTERRUPTED, add_log_options, exit_code
+from choreo._check_cli import add_check_commands
 from choreo._dlq_cli import add_dlq_commands
 from choreo._run_cli import add_run_commands, load_service
 from choreo._sagas_cli import add_saga_commands
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)
     add_saga_commands(sub)
     add_dlq_commands(sub)
+    add_check_commands(sub)
     return parser
 
 
