@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from choreo import clock
+from choreo import clock, metrics, tracing
 from choreo.errors import EventError, EventIdTaken, WiringError
 from choreo.events import Envelope, Event, decode_payload
 from choreo.operations import (
@@ -83,7 +83,8 @@ class Parking:
         try:
             if first_error is not None:
                 raise first_error
-            await self._handle(env, uow)
+            with tracing.attempt(letter.attempts + 1 if letter is not None else 1):
+                await self._handle(env, uow)
         except Exception as e:
             error = e
         else:
@@ -92,6 +93,8 @@ class Parking:
             try:  # a store error here is not the handler's: it propagates (the batch is read again)
                 await self._commit(uow, [env] if letter is None else [],
                                    updated=[replace(letter, status="retried", due_at=None)] if letter else ())
+                if letter is not None:
+                    metrics.handled(self.service.name, [env])
                 return True
             except EventIdTaken as e:  # not a conflict to retry: this event's handling is poison
                 error = Park(f"emits an event whose id is taken: {e}", str(e))
@@ -141,6 +144,7 @@ class Parking:
                             self.service.name, env.event_id, env.source, env.position, attempts,
                             policy.max_attempts, type(error).__name__, error, due.isoformat())
                 self.next_retry_at = min(self.next_retry_at or due, due)
+                metrics.retried(self.service.name, env.type)
                 return replace(letter, status=RETRYING, attempts=attempts, last_failed_at=now, due_at=due,
                                reason=f"attempt {attempts} of {policy.max_attempts} failed: "
                                       f"{type(error).__name__}: {error}", error=text)
@@ -148,6 +152,7 @@ class Parking:
             reason = f"handler {why} {attempts} time(s): {type(error).__name__}: {error}"
         log.error("%s: parked event %s (%s %s): %s", self.service.name, env.event_id, env.source, env.position,
                   reason)
+        metrics.parked(self.service.name, env.type)
         if letter.status != PARKED:
             uow.emit(EventParked(of_event_id=env.event_id, handled_type=env.type, reason=reason, attempts=attempts),
                      env, step=self._step_of(env.type), tag="parked")
