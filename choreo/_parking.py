@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from choreo import clock, metrics, tracing
+from choreo import clock, logs, metrics, tracing
 from choreo.errors import EventError, EventIdTaken, WiringError
 from choreo.events import Envelope, Event, decode_payload
 from choreo.operations import (
@@ -142,7 +142,8 @@ class Parking:
                 due = now + timedelta(seconds=policy.delay(attempts))
                 log.info("%s: event %s (%s %s) failed (attempt %d of %d): %s: %s; next attempt at %s",
                             self.service.name, env.event_id, env.source, env.position, attempts,
-                            policy.max_attempts, type(error).__name__, error, due.isoformat())
+                            policy.max_attempts, type(error).__name__, error, due.isoformat(),
+                            extra=logs.fields(self.service.name, env))
                 self.next_retry_at = min(self.next_retry_at or due, due)
                 metrics.retried(self.service.name, env.type)
                 return replace(letter, status=RETRYING, attempts=attempts, last_failed_at=now, due_at=due,
@@ -151,7 +152,7 @@ class Parking:
             why = "failed" if transient else "failed with a non-transient error"
             reason = f"handler {why} {attempts} time(s): {type(error).__name__}: {error}"
         log.error("%s: parked event %s (%s %s): %s", self.service.name, env.event_id, env.source, env.position,
-                  reason)
+                  reason, extra=logs.fields(self.service.name, env))
         metrics.parked(self.service.name, env.type)
         if letter.status != PARKED:
             uow.emit(EventParked(of_event_id=env.event_id, handled_type=env.type, reason=reason, attempts=attempts),
@@ -220,7 +221,7 @@ class Parking:
                            and (d.id or 0) > (target.id or 0)), None)
         if target is None:
             log.warning("%s: %s names dead letter %s, which is not waiting here", self.service.name,
-                        env.type, command.dead_letter_id)
+                        env.type, command.dead_letter_id, extra=logs.fields(self.service.name, env))
         else:
             skip = command.reason if isinstance(command, SkipRequested) and target.id == command.dead_letter_id \
                 else None

@@ -20,6 +20,7 @@ from choreo._dlq_cli import add_dlq_commands
 from choreo._run_cli import add_run_commands, load_service
 from choreo._sagas_cli import add_saga_commands
 from choreo.errors import ChoreoError
+from choreo.logs import JsonFormatter
 
 __all__ = ["build_parser", "load_service", "main"]
 
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = args.log_level or ("INFO" if args.verbose else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # kafka-python logs every failed connection attempt; choreo reports what matters itself
     loud = logging.getLevelName(level) <= logging.INFO
     logging.getLogger("kafka").setLevel(level if loud else logging.CRITICAL)

@@ -32,7 +32,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from choreo import clock, metrics, tracing
+from choreo import clock, logs, metrics, tracing
 from choreo._parking import Park, Parking, as_events, call, envelope_of
 from choreo._participation import Participation, completion, participation_id
 from choreo._saga_end import observe, verdict
@@ -130,6 +130,7 @@ class Processor(Parking, Timers):
     async def apoll(self, timeout: float = 0.0) -> int:
         """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
         self.last_poll = time.monotonic()
+        logs.bind(self.service.name)
         if self._stale:
             await self._io(self._reload)
         batch: list[Envelope] = []
@@ -563,7 +564,7 @@ class Processor(Parking, Timers):
         part = self._participation(uow, env.saga_id, create=False)
         if part is not None and part.ended is not None:
             log.warning("%s: refused to compensate saga %s: it already %s", self.service.name, env.saga_id,
-                        part.ended)
+                        part.ended, extra=logs.fields(self.service.name, env))
             uow.emit(CompensationRefused(reason=command.reason, state=part.ended), env, tag="refused")
         else:
             forced = uow.emit(CompensationForced(reason=command.reason), env, outcome=Outcome.FAILED, tag="forced")
