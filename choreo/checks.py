@@ -160,8 +160,7 @@ def check(system: System) -> list[Finding]:
             findings.append(Finding("unhandled-event", e.service, t,
                                     f"event {t!r} is emitted by {by} but nothing handles it"))
     for t in sorted(started - handled_by_type - reported):
-        owner = system.origins.get(t)
-        findings.append(Finding("unhandled-event", owner, t,
+        findings.append(Finding("unhandled-event", system.origins.get(t), t,
                                 f"event {t!r} starts sagas but nothing handles it"))
 
     for s in system.services.values():

@@ -65,7 +65,17 @@ class Metrics:
         self.duration = Histogram("choreo_handler_duration_seconds", "Handler run time", labels,
                                   registry=self.registry)
         self.probes: dict[str, Probe] = {}
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.registry.register(_Collector(self))
+
+    def children(self, service: str, event_type: str) -> tuple[Any, Any, Any]:
+        """The handled and failed counters and the duration histogram of one service and event type."""
+        found = self._children.get((service, event_type))
+        if found is None:
+            found = self._children[service, event_type] = (
+                self.handled.labels(service, event_type), self.failed.labels(service, event_type),
+                self.duration.labels(service, event_type))
+        return found
 
 
 def enable(registry: Any = None) -> Metrics:
@@ -85,26 +95,32 @@ def handling(service: str, env: Envelope, runs: bool) -> contextlib.AbstractCont
     """Around one event's handlers in a service: count and time them (nothing when metrics are off)."""
     if _ACTIVE is None or not runs:
         return _NOTHING
-    return _timed(_ACTIVE, service, env.type)
+    return _Timed(_ACTIVE.children(service, env.type))
 
 
-@contextlib.contextmanager
-def _timed(m: Metrics, service: str, event_type: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    except Exception:
-        m.failed.labels(service, event_type).inc()
-        raise
-    finally:
-        m.duration.labels(service, event_type).observe(time.perf_counter() - started)
+class _Timed:
+    """Times a handler run and counts it if it raised (a class, not a generator: it runs for every event)."""
+
+    __slots__ = ("children", "started")
+
+    def __init__(self, children: tuple[Any, Any, Any]) -> None:
+        self.children = children
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        self.children[2].observe(time.perf_counter() - self.started)
+        if kind is not None and issubclass(kind, Exception):
+            self.children[1].inc()
 
 
 def handled(service: str, envelopes: Iterable[Envelope]) -> None:
     """Count events whose handling was committed (once each, whatever ran again before the commit)."""
     if _ACTIVE is not None:
         for env in envelopes:
-            _ACTIVE.handled.labels(service, env.type).inc()
+            _ACTIVE.children(service, env.type)[0].inc()
 
 
 def retried(service: str, event_type: str) -> None:
@@ -148,7 +164,7 @@ class Probe:
             return {"log": max(0, store.last_position() - read)}
         ends = self._partition_ends(store)
         read_next = {f"{tp.topic}:{tp.partition}": n for tp, n in dict(getattr(feed, "_next", {})).items()}
-        topic = store.topic
+        topic = getattr(store, "topic", "")
         return {f"{topic}:{part}": max(0, end - max(positions.get(f"{topic}:{part}", 0),
                                                      read_next.get(f"{topic}:{part}", 0)))
                 for part, end in sorted(ends.items())}
