@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from datetime import timedelta
+from typing import ClassVar
 
 import pytest
 
@@ -16,11 +17,15 @@ from choreo.checks import KINDS, Finding, declared_emits
 class Begun(Event):
     """Starts the broken saga."""
 
+    event_type: ClassVar[str] = "checks.Begun"
+
     n: int
 
 
 class AlphaDone(Event):
     """Step alpha completed."""
+
+    event_type: ClassVar[str] = "checks.AlphaDone"
 
     n: int
 
@@ -28,11 +33,15 @@ class AlphaDone(Event):
 class AlphaFailed(Event):
     """Step alpha failed."""
 
+    event_type: ClassVar[str] = "checks.AlphaFailed"
+
     n: int
 
 
 class BetaDone(Event):
     """Step beta completed."""
+
+    event_type: ClassVar[str] = "checks.BetaDone"
 
     n: int
 
@@ -40,11 +49,15 @@ class BetaDone(Event):
 class Orphan(Event):
     """Emitted, never handled."""
 
+    event_type: ClassVar[str] = "checks.Orphan"
+
     n: int
 
 
 class Ghost(Event):
     """Handled, never emitted: it triggers step gamma, which the saga therefore never reaches."""
+
+    event_type: ClassVar[str] = "checks.Ghost"
 
     n: int
 
@@ -52,11 +65,15 @@ class Ghost(Event):
 class Expired(Event):
     """What the deadline emits."""
 
+    event_type: ClassVar[str] = "checks.Expired"
+
     n: int
 
 
 class Never(Event):
     """The deadline's cancel event, which nothing emits."""
+
+    event_type: ClassVar[str] = "checks.Never"
 
     n: int
 
@@ -112,8 +129,8 @@ def test_a_broken_system_reports_each_kind() -> None:
     assert kinds == set(KINDS), findings
     by = {(f.kind, f.subject): f for f in findings}
     assert ("step-without-compensation", "beta") in by
-    assert ("unhandled-event", "Orphan") in by
-    assert ("unemitted-event", "Ghost") in by
+    assert ("unhandled-event", "checks.Orphan") in by
+    assert ("unemitted-event", "checks.Ghost") in by
     assert ("unreachable-step", "gamma") in by
     assert ("silent-compensation", "alpha") in by
     assert by["undeclared-emits", "tests.test_checks.broken_system.<locals>.undo_gamma"].service == "b"
@@ -132,11 +149,11 @@ def test_emits_come_from_the_return_annotation_and_emits() -> None:
     def nothing(e: Begun, ctx: Context) -> None: ...
     def unknown(e, ctx): ...
 
-    assert declared_emits(one) == {"AlphaDone", "BetaDone"}
-    assert declared_emits(many, [Orphan]) == {"AlphaDone", "Orphan"}
+    assert declared_emits(one) == {"checks.AlphaDone", "checks.BetaDone"}
+    assert declared_emits(many, [Orphan]) == {"checks.AlphaDone", "checks.Orphan"}
     assert declared_emits(nothing) == frozenset()
     assert declared_emits(unknown) is None
-    assert declared_emits(unknown, [Orphan]) == {"Orphan"}
+    assert declared_emits(unknown, [Orphan]) == {"checks.Orphan"}
 
 
 def test_emits_must_name_event_classes() -> None:
