@@ -604,8 +604,9 @@ class Processor(Parking, Timers):
         handler = self.service.ends.get((part.saga_type or "", str(outcome)))
         if handler is not None:
             ctx = Context(uow, end_env)
-            for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
-                uow.emit(out, end_env)
+            with tracing.handling(self.service.name, end_env, uow, True):
+                for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
+                    uow.emit(out, end_env)
         self._cancel_deadlines(env, uow)
 
 

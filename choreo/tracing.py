@@ -16,6 +16,8 @@ to run without tracing.
 - Each event a handler emits carries that span's context, so the next service's span
   is its child: the spans follow the causation chain, across processes. Events emitted
   outside a handler span (choreo's own, such as the saga's end) carry their cause's.
+- An end handler (`saga_completed`, `saga_failed`) has its span too; a deadline's
+  handler runs in a span `"deadline <name> fire"`, the root of a trace of its own.
 
 On SQLite the context is the log's `trace` column; on Kafka the record's `trace` field
 and its `traceparent` header.
@@ -144,6 +146,23 @@ def _span(tracer: Any, service: str, env: Envelope, uow: UnitOfWork) -> Iterator
         span.set_attribute("choreo.outcome", out.outcome if out is not None and out.outcome else "handled")
         if out is not None and out.step:
             span.set_attribute("choreo.step", out.step)
+
+
+def firing(service: str, name: str, saga_id: str) -> contextlib.AbstractContextManager[Any]:
+    """Around a deadline's handler: a span `"deadline <name> fire"`, the root of a trace of its own.
+
+    A stored deadline does not keep the trace context of the event that started it, so
+    what its expiry causes (the saga's compensation, say) is traced from this span.
+    """
+    tracer = _tracer()
+    if tracer is None:
+        return _NOTHING
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanKind
+
+    return tracer.start_as_current_span(
+        f"deadline {name} fire", kind=SpanKind.INTERNAL, context=Context(),
+        attributes={"choreo.service": service, "choreo.deadline": name, "choreo.saga_id": saga_id})
 
 
 @contextlib.contextmanager

@@ -13,10 +13,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from choreo import Envelope, InMemoryStore, Runner, open_store, tracing
+from datetime import datetime, timedelta, timezone
+
+from choreo import Envelope, InMemoryStore, ManualClock, Processor, Runner, open_store, tracing, use_clock
 from choreo.stores._kafka_records import decode_record, encode_record
 from services import system
 from services.demo import plan
+from services.orders import FULFILMENT_DEADLINE
 from tests.service_processes import env_with, running, wait_for
 from tests.trace_export import span_record
 
@@ -53,11 +56,15 @@ def assert_one_trace_along_the_causation(spans: list[dict[str, Any]], log: list[
         parent = by_id[parent_id]
         if env.causation_id is None:  # the start event: its span is the `start` span, a child of the user's
             assert parent["name"] == "OrderPlaced start" and parent["parent_id"] == root["span_id"]
+        elif env.type.startswith("choreo."):  # choreo's own (the saga's end): its cause's context
+            assert env.trace == events[env.causation_id].trace
         else:  # the span of the service that emitted it, which handled its cause
             assert parent["attributes"]["choreo.service"] == env.service
             assert parent["attributes"]["choreo.event_id"] == env.causation_id
         assert span["attributes"]["choreo.saga_id"] == env.saga_id
         assert span["attributes"]["choreo.attempt"] == 1
+    assert any(s["name"] == "choreo.SagaCompleted process" and s["attributes"]["choreo.service"] == "orders"
+               for s in processed), "the end handler's span"
     steps = {s["attributes"].get("choreo.step"): s["attributes"]["choreo.outcome"] for s in processed}
     assert steps == {None: "handled", "reserve_inventory": "completed", "process_payment": "completed",
                      "create_shipment": "completed", "send_confirmation": "completed"}
@@ -73,6 +80,32 @@ def test_one_saga_is_one_trace_in_process(exporter: InMemorySpanExporter) -> Non
     root = next(s for s in spans if s["name"] == "checkout")
     log = [e for batch in store.scan() for e in batch]
     assert_one_trace_along_the_causation(spans, log, root)
+
+
+def test_a_deadline_fires_in_a_trace_of_its_own(exporter: InMemorySpanExporter) -> None:
+    store = InMemoryStore()
+    saga_id, order = completing_order()
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=timezone.utc))
+    previous = use_clock(clock)
+    try:
+        system.start(store, order, saga_id=saga_id)
+        orders = Processor(system["orders"], store)
+        orders.run_until_idle()
+        clock.advance(timedelta(seconds=FULFILMENT_DEADLINE.total_seconds() + 1))
+        orders.run_until_idle()
+        orders.close()
+        Runner(system, store).run_until_idle()  # inventory reserves, then compensates; orders ends the saga
+    finally:
+        use_clock(previous)
+    spans = [span_record(s) for s in exporter.get_finished_spans()]
+    fire = next(s for s in spans if s["name"] == "deadline fulfilment fire")
+    assert fire["parent_id"] is None and fire["attributes"]["choreo.saga_id"] == saga_id
+    timed_out = next(e for batch in store.scan() for e in batch if e.type == "OrderTimedOut")
+    assert timed_out.trace is not None and timed_out.trace.split("-")[1:3] == [fire["trace_id"], fire["span_id"]]
+    spans = [span_record(s) for s in exporter.get_finished_spans()]
+    released = next(s for s in spans if s["attributes"].get("choreo.outcome") == "compensated")
+    assert released["trace_id"] == fire["trace_id"] and released["attributes"]["choreo.service"] == "inventory"
+    assert any(s["name"] == "choreo.SagaFailed process" for s in spans)  # the end handler has its span too
 
 
 def test_no_tracer_provider_no_trace_context() -> None:
