@@ -32,10 +32,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
     from choreo.events import Envelope
     from choreo.processor import Processor
 
@@ -273,6 +274,8 @@ def readiness(metrics: Metrics, *, max_lag: int) -> tuple[bool, dict[str, Any]]:
 def serve(metrics: Metrics, port: int, host: str = "0.0.0.0", *, max_lag: int = 10_000,
           stale_after: float = 60.0) -> ThreadingHTTPServer:
     """Serve `/metrics`, `/healthz` and `/readyz` on `host:port` from a daemon thread; return the server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
