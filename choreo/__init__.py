@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from choreo.aggregates import Aggregate, event, load_aggregate
+from choreo.checks import Finding, check
 from choreo.clock import Clock, ManualClock, SystemClock, use_clock
 from choreo.context import Context
 from choreo.errors import (
@@ -65,6 +66,7 @@ __all__ = [
     "EventTooLarge",
     "EventValidationError",
     "Feed",
+    "Finding",
     "InMemoryStore",
     "LogRewound",
     "LogStore",
@@ -93,6 +95,7 @@ __all__ = [
     "SystemClock",
     "UnknownEventType",
     "WiringError",
+    "check",
     "event",
     "load_aggregate",
     "open_store",

@@ -116,6 +116,9 @@ def add_log_options(parser: argparse.ArgumentParser, *, top: bool = False) -> No
                         help="log what the services do (INFO)")
     parser.add_argument("--log-level", type=log_level, metavar="LEVEL", default=None if top else argparse.SUPPRESS,
                         help=f"log from this level on ({', '.join(LEVELS)}; default: WARNING)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text" if top else argparse.SUPPRESS,
+                        help="text lines, or one JSON object a line with the fields service, saga_id and "
+                             "event_id (default: text)")
 
 
 def add_command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from choreo import clock
+from choreo import clock, logs, metrics, tracing
 from choreo.errors import EventError, EventIdTaken, WiringError
 from choreo.events import Envelope, Event, decode_payload
 from choreo.operations import (
@@ -83,7 +83,8 @@ class Parking:
         try:
             if first_error is not None:
                 raise first_error
-            await self._handle(env, uow)
+            with tracing.attempt(letter.attempts + 1 if letter is not None else 1):
+                await self._handle(env, uow)
         except Exception as e:
             error = e
         else:
@@ -92,6 +93,8 @@ class Parking:
             try:  # a store error here is not the handler's: it propagates (the batch is read again)
                 await self._commit(uow, [env] if letter is None else [],
                                    updated=[replace(letter, status="retried", due_at=None)] if letter else ())
+                if letter is not None:
+                    metrics.handled(self.service.name, [env])
                 return True
             except EventIdTaken as e:  # not a conflict to retry: this event's handling is poison
                 error = Park(f"emits an event whose id is taken: {e}", str(e))
@@ -139,15 +142,18 @@ class Parking:
                 due = now + timedelta(seconds=policy.delay(attempts))
                 log.info("%s: event %s (%s %s) failed (attempt %d of %d): %s: %s; next attempt at %s",
                             self.service.name, env.event_id, env.source, env.position, attempts,
-                            policy.max_attempts, type(error).__name__, error, due.isoformat())
+                            policy.max_attempts, type(error).__name__, error, due.isoformat(),
+                            extra=logs.fields(self.service.name, env))
                 self.next_retry_at = min(self.next_retry_at or due, due)
+                metrics.retried(self.service.name, env.type)
                 return replace(letter, status=RETRYING, attempts=attempts, last_failed_at=now, due_at=due,
                                reason=f"attempt {attempts} of {policy.max_attempts} failed: "
                                       f"{type(error).__name__}: {error}", error=text)
             why = "failed" if transient else "failed with a non-transient error"
             reason = f"handler {why} {attempts} time(s): {type(error).__name__}: {error}"
         log.error("%s: parked event %s (%s %s): %s", self.service.name, env.event_id, env.source, env.position,
-                  reason)
+                  reason, extra=logs.fields(self.service.name, env))
+        metrics.parked(self.service.name, env.type)
         if letter.status != PARKED:
             uow.emit(EventParked(of_event_id=env.event_id, handled_type=env.type, reason=reason, attempts=attempts),
                      env, step=self._step_of(env.type), tag="parked")
@@ -215,7 +221,7 @@ class Parking:
                            and (d.id or 0) > (target.id or 0)), None)
         if target is None:
             log.warning("%s: %s names dead letter %s, which is not waiting here", self.service.name,
-                        env.type, command.dead_letter_id)
+                        env.type, command.dead_letter_id, extra=logs.fields(self.service.name, env))
         else:
             skip = command.reason if isinstance(command, SkipRequested) and target.id == command.dead_letter_id \
                 else None

@@ -14,6 +14,7 @@ from typing import Any
 from choreo._cli_common import (
     UsageError, add_command, add_store_option, cwd_on_path, load, non_negative_int, positive_int, positive_seconds,
 )
+from choreo import metrics, tracing
 from choreo.retry import RetryPolicy
 from choreo.runner import run_service
 from choreo.service import Service
@@ -60,6 +61,13 @@ def add_run_commands(sub: Any) -> None:
                      help="run plain handlers in a pool of this many threads (default: the service's, 0)")
     run.add_argument("--reset-positions", action="store_true",
                      help="first reset the service's positions in the log (Kafka, after the log lost data)")
+    run.add_argument("--metrics-port", type=non_negative_int, default=None, metavar="PORT",
+                     help="serve Prometheus /metrics, /healthz and /readyz on this port (pip install choreo[metrics])")
+    run.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                     help="the address to serve them on (default: %(default)s)")
+    run.add_argument("--ready-max-lag", type=non_negative_int, default=10_000, metavar="EVENTS",
+                     help="/readyz fails while the service is more events behind the log's head "
+                          "(default: %(default)s)")
     run.set_defaults(func=_run)
 
 
@@ -99,6 +107,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     service = load_service(args.target)
+    tracing.configure_from_env()
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server = metrics.serve(metrics.enable(), args.metrics_port, args.metrics_host,
+                                   max_lag=args.ready_max_lag)
+        except OSError as e:
+            raise UsageError(f"--metrics-port {args.metrics_port}: cannot serve on {args.metrics_host}: {e}") from e
+        logging.getLogger("choreo").info("%s: metrics on http://%s:%d/metrics", service.name, args.metrics_host,
+                                         server.server_address[1])
     if args.reset_positions:  # no reset of a store that does not exist
         open_store(args.store, create=False).close()
     store = open_store(args.store)
@@ -118,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         store.close()
         choreo_log.setLevel(level)
+        if server is not None:
+            server.shutdown()
+            metrics.disable()
     return 0
 
 

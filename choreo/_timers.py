@@ -18,7 +18,7 @@ from datetime import timedelta
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from choreo import clock
+from choreo import clock, logs, tracing
 from choreo._parking import as_events, raw_envelope
 from choreo._saga_end import observe
 from choreo.context import Context
@@ -127,17 +127,18 @@ class Timers:
                     continue
                 start_event = decode_payload(cause.type, cause.version, cause.payload)
                 ctx = Context(uow, cause)
-                outs = as_events(spec.fn, await self._call(spec.fn, start_event, ctx))
-                for i, out in enumerate([*outs, *ctx.extra]):
-                    fails = spec.fails_saga and i == 0
-                    expired = uow.emit(out, cause, outcome=Outcome.FAILED if fails else None,
-                                       tag=f"deadline-{timer.id}-{i}")
-                    if not fails:
-                        continue
-                    if self._has_steps:
-                        await self._failed(uow, expired)
-                    if mine is not None and mine.saga_type is not None:
-                        observe(mine, expired)  # the starter knows at once: the saga can no longer complete
+                with tracing.firing(self.service.name, timer.name, timer.saga_id):
+                    outs = as_events(spec.fn, await self._call(spec.fn, start_event, ctx))
+                    for i, out in enumerate([*outs, *ctx.extra]):
+                        fails = spec.fails_saga and i == 0
+                        expired = uow.emit(out, cause, outcome=Outcome.FAILED if fails else None,
+                                           tag=f"deadline-{timer.id}-{i}")
+                        if not fails:
+                            continue
+                        if self._has_steps:
+                            await self._failed(uow, expired)
+                        if mine is not None and mine.saga_type is not None:
+                            observe(mine, expired)  # the starter knows at once: the saga can no longer complete
                 uow.deadlines.append(replace(timer, status=FIRED))
                 await self._commit(uow, [])
             except ConcurrencyConflict:
@@ -159,11 +160,12 @@ class Timers:
             due = clock.now() + timedelta(seconds=policy.delay(attempts))
             log.warning("%s: deadline %s of saga %s failed (attempt %d of %d): %s; next attempt at %s",
                         self.service.name, timer.name, timer.saga_id, attempts, policy.max_attempts, why,
-                        due.isoformat())
+                        due.isoformat(), extra=logs.fields(self.service.name, saga_id=timer.saga_id))
             uow.deadlines.append(replace(timer, status=RESCHEDULED, due_at=due))
         else:
             reason = f"deadline {timer.name} failed {attempts} time(s): {why}"
-            log.error("%s: %s (saga %s); marked failed", self.service.name, reason, timer.saga_id)
+            log.error("%s: %s (saga %s); marked failed", self.service.name, reason, timer.saga_id,
+                      extra=logs.fields(self.service.name, saga_id=timer.saga_id))
             uow.deadlines.append(replace(timer, status=FAILED))
             uow.emit(EventParked(of_event_id=cause.event_id, handled_type=f"deadline:{timer.name}", reason=reason,
                                  attempts=attempts), cause, tag=f"deadline-failed-{timer.id}")

@@ -22,7 +22,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.persistence import Mapper, StoredEvent
 
-from choreo import clock
+from choreo import clock, tracing
 from choreo.aggregates import Aggregate
 from choreo.deadlines import Deadline
 from choreo.events import Envelope, Event, encode_payload
@@ -126,6 +126,7 @@ class UnitOfWork:
             outcome=outcome,
             occurred_at=clock.now(),
             payload=encode_payload(event),
+            trace=tracing.carried(cause),
         )
         self.emitted.append(env)
         return env

@@ -1,7 +1,8 @@
 """The `choreo` command line.
 
 Each group of commands lives in its own module: `choreo._run_cli` (run, demo),
-`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq), `choreo._ui_cli` (ui); what they share is
+`choreo._sagas_cli` (sagas, replay, project), `choreo._dlq_cli` (dlq), `choreo._ui_cli` (ui),
+`choreo._check_cli` (check); what they share is
 in `choreo._cli_common`, with the exit codes.
 """
 
@@ -15,11 +16,13 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from choreo._cli_common import BROKEN_PIPE, INTERRUPTED, add_log_options, exit_code
+from choreo._check_cli import add_check_commands
 from choreo._dlq_cli import add_dlq_commands
 from choreo._run_cli import add_run_commands, load_service
 from choreo._sagas_cli import add_saga_commands
 from choreo._ui_cli import add_ui_command
 from choreo.errors import ChoreoError
+from choreo.logs import JsonFormatter
 
 __all__ = ["build_parser", "load_service", "main"]
 
@@ -48,12 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_saga_commands(sub)
     add_dlq_commands(sub)
     add_ui_command(sub)
+    add_check_commands(sub)
     return parser
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = args.log_level or ("INFO" if args.verbose else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # kafka-python logs every failed connection attempt; choreo reports what matters itself
     loud = logging.getLevelName(level) <= logging.INFO
     logging.getLogger("kafka").setLevel(level if loud else logging.CRITICAL)

@@ -34,6 +34,8 @@ class DeadlineSpec:
     after: timedelta
     fn: Callable[..., Any]
     fails_saga: bool = True
+    #: events it may emit besides its return annotation (for `choreo check`)
+    emits: tuple[type[Event], ...] = ()
 
     @cached_property
     def cancel_types(self) -> frozenset[str]:

@@ -115,6 +115,8 @@ class Envelope:
     `source` names where `position` counts: "log" for the SQLite log (one global
     order), "TOPIC:PARTITION" on Kafka (position = offset + 1). `malformed` says why
     a record could not be read as an envelope; such an envelope is parked, never run.
+    `trace` is the W3C `traceparent` of the span that wrote it (None without tracing;
+    see `choreo.tracing`).
     """
 
     event_id: str
@@ -130,6 +132,7 @@ class Envelope:
     position: int | None = None
     source: str = "log"
     malformed: str | None = None
+    trace: str | None = None
 
     def decode(self) -> Event:
         """Return the event, validated against its schema."""

@@ -32,7 +32,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from choreo import clock
+from choreo import clock, logs, metrics, tracing
 from choreo._parking import Park, Parking, as_events, call, envelope_of
 from choreo._participation import Participation, completion, participation_id
 from choreo._saga_end import observe, verdict
@@ -112,6 +112,8 @@ class Processor(Parking, Timers):
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
         ))
+        self.last_poll: float | None = None  # time.monotonic() of the loop's last poll (for /healthz)
+        metrics.watch(self)
 
     # -- the loop ----------------------------------------------------------------------
     def poll(self, timeout: float = 0.0) -> int:
@@ -127,6 +129,8 @@ class Processor(Parking, Timers):
 
     async def apoll(self, timeout: float = 0.0) -> int:
         """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
+        self.last_poll = time.monotonic()
+        logs.bind(self.service.name)
         if self._stale:
             await self._io(self._reload)
         batch: list[Envelope] = []
@@ -395,6 +399,8 @@ class Processor(Parking, Timers):
             uow.discard()
             raise
         uow.keep()
+        metrics.handled(self.service.name, (e for e in done if self._relevant(e) and e.event_id not in
+                                            {d.event_id for d in parked}))
         self.tracking.update(reached)
         for d in parked:
             if d.status in HOLDING and d.saga_id:
@@ -422,16 +428,18 @@ class Processor(Parking, Timers):
                 event = decode_payload(env.type, env.version, env.payload)
             except EventError as e:
                 raise Park(f"undecodable: {e}", str(e)) from None
-        if failure and self._has_steps:
-            part = await self._failed(uow, env)
-            if held:
-                await self._skip_parked_steps(part, env, uow)
-        if event is not None:
-            for handler in self.service.handlers.get(env.type, ()):
-                if handler.kind == "step":
-                    await self._run_step(handler, event, env, uow)
-                else:
-                    await self._run_plain(handler, event, env, uow)
+        runs = (failure and self._has_steps) or (event is not None and env.type in self.service.handlers)
+        with tracing.handling(self.service.name, env, uow, runs), metrics.handling(self.service.name, env, runs):
+            if failure and self._has_steps:
+                part = await self._failed(uow, env)
+                if held:
+                    await self._skip_parked_steps(part, env, uow)
+            if event is not None:
+                for handler in self.service.handlers.get(env.type, ()):
+                    if handler.kind == "step":
+                        await self._run_step(handler, event, env, uow)
+                    else:
+                        await self._run_plain(handler, event, env, uow)
         if self.service.deadlines:
             self._schedule(env, uow)
         if self._starts:
@@ -558,7 +566,7 @@ class Processor(Parking, Timers):
         part = self._participation(uow, env.saga_id, create=False)
         if part is not None and part.ended is not None:
             log.warning("%s: refused to compensate saga %s: it already %s", self.service.name, env.saga_id,
-                        part.ended)
+                        part.ended, extra=logs.fields(self.service.name, env))
             uow.emit(CompensationRefused(reason=command.reason, state=part.ended), env, tag="refused")
         else:
             forced = uow.emit(CompensationForced(reason=command.reason), env, outcome=Outcome.FAILED, tag="forced")
@@ -598,8 +606,9 @@ class Processor(Parking, Timers):
         handler = self.service.ends.get((part.saga_type or "", str(outcome)))
         if handler is not None:
             ctx = Context(uow, end_env)
-            for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
-                uow.emit(out, end_env)
+            with tracing.handling(self.service.name, end_env, uow, True):
+                for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
+                    uow.emit(out, end_env)
         self._cancel_deadlines(env, uow)
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any, Protocol
 
-from choreo import clock
+from choreo import clock, logs
 from choreo.errors import LogRewound, StoreError, WiringError
 from choreo.events import Event
 from choreo.processor import Processor, wait_for_retries
@@ -266,6 +266,7 @@ def _start(service: Service, store: EventStore, stop: threading.Event, options: 
 def run_service(service: Service, store: EventStore, **options: object) -> None:
     """Run one service in this process until SIGINT or SIGTERM; the current batch completes first."""
     stop = threading.Event()
+    logs.bind(service.name)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: received signal %s, stopping", service.name, signum)

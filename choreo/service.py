@@ -16,6 +16,8 @@ from choreo.saga import SAGA_ENDS, SagaDefinition
 from choreo.store import check_service_name
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: what `emits=` accepts: event classes
+Emits = tuple[type[Event], ...] | list[type[Event]]
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Handler:
     event_type: type[Event] | None
     step: str | None = None
     retry: RetryPolicy | None = None
+    #: events it may emit besides its return annotation (e.g. a step's failure event), for `choreo check`
+    emits: tuple[type[Event], ...] = ()
 
     @property
     def name(self) -> str:
@@ -69,22 +73,30 @@ class Service:
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
 
-    def on(self, event_type: type[Event], *, retry: RetryPolicy | None = None) -> Callable[[F], F]:
-        """Register `fn(event, ctx)` to run on every `event_type`; it may return events to emit."""
+    def on(self, event_type: type[Event], *, retry: RetryPolicy | None = None, emits: Emits = ()) -> Callable[[F], F]:
+        """Register `fn(event, ctx)` to run on every `event_type`; it may return events to emit.
+
+        `emits` names events it emits that its return annotation does not (see `choreo.check`).
+        """
         cls = _event_class(self.name, event_type, "on")
+        out = _emits(self.name, emits, "on")
 
         def register(fn: F) -> F:
-            self._add(Handler("on", _callable(self.name, fn), cls, retry=retry))
+            self._add(Handler("on", _callable(self.name, fn), cls, retry=retry, emits=out))
             return fn
 
         return register
 
-    def step(self, name: str, *, on: type[Event], retry: RetryPolicy | None = None) -> Callable[[F], F]:
+    def step(
+        self, name: str, *, on: type[Event], retry: RetryPolicy | None = None, emits: Emits = ()
+    ) -> Callable[[F], F]:
         """Register the saga step `name`, run on `on`; it returns the step's completion event.
 
-        It raises `StepFailed(event)` to fail the step, which starts compensation.
+        It raises `StepFailed(event)` to fail the step, which starts compensation. `emits`
+        names the failure events (and any other) that the return annotation does not.
         """
         cls = _event_class(self.name, on, f"step {name!r}")
+        out = _emits(self.name, emits, f"step {name!r}")
         if not isinstance(name, str) or not name:
             raise WiringError(f"service {self.name!r}: a step needs a non-empty name")
 
@@ -94,15 +106,16 @@ class Service:
                     f"service {self.name!r}: step {name!r} is registered twice "
                     f"({self.steps[name].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            handler = Handler("step", _callable(self.name, fn), cls, name, retry)
+            handler = Handler("step", _callable(self.name, fn), cls, name, retry, out)
             self.steps[name] = handler
             self._add(handler)
             return fn
 
         return register
 
-    def compensation(self, step: str) -> Callable[[F], F]:
+    def compensation(self, step: str, *, emits: Emits = ()) -> Callable[[F], F]:
         """Register `fn(done_event, ctx)` that undoes step `step` of this service."""
+        out = _emits(self.name, emits, f"compensation {step!r}")
 
         def register(fn: F) -> F:
             if step in self.compensations:
@@ -110,7 +123,7 @@ class Service:
                     f"service {self.name!r}: step {step!r} has two compensations "
                     f"({self.compensations[step].name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            self.compensations[step] = Handler("compensation", _callable(self.name, fn), None, step)
+            self.compensations[step] = Handler("compensation", _callable(self.name, fn), None, step, emits=out)
             return fn
 
         return register
@@ -123,6 +136,7 @@ class Service:
         cancel_on: tuple[type[Event], ...] | list[type[Event]] = (),
         after: timedelta,
         fails_saga: bool = True,
+        emits: Emits = (),
     ) -> Callable[[F], F]:
         """Register `fn(start_event, ctx)`, run once if `after` passes between `start_on` and any `cancel_on`.
 
@@ -132,30 +146,31 @@ class Service:
         """
         start = _event_class(self.name, start_on, f"deadline {name!r}")
         cancel = tuple(_event_class(self.name, e, f"deadline {name!r}") for e in cancel_on)
+        out = _emits(self.name, emits, f"deadline {name!r}")
         if name in self.deadlines:
             raise WiringError(f"service {self.name!r}: deadline {name!r} is declared twice")
 
         def register(fn: F) -> F:
-            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, _callable(self.name, fn), fails_saga)
+            self.deadlines[name] = DeadlineSpec(name, start, cancel, after, _callable(self.name, fn), fails_saga, out)
             return fn
 
         return register
 
-    def saga_completed(self, saga: SagaDefinition) -> Callable[[F], F]:
+    def saga_completed(self, saga: SagaDefinition, *, emits: Emits = ()) -> Callable[[F], F]:
         """Register `fn(done: SagaCompleted, ctx)`, called once per saga of `saga` when every step completed.
 
         Only the service that starts the saga (`starts=[saga.start]`) can register it. The
         function may return events to emit (the saga's end events, such as `OrderConfirmed`).
         """
-        return self._end(saga, "completed")
+        return self._end(saga, "completed", emits)
 
-    def saga_failed(self, saga: SagaDefinition) -> Callable[[F], F]:
+    def saga_failed(self, saga: SagaDefinition, *, emits: Emits = ()) -> Callable[[F], F]:
         """Register `fn(failed: SagaFailed, ctx)`, called once per failed saga of `saga`.
 
         It runs when a failure was seen and every step that completed was compensated or
         skipped; `failed` names the cause, the failed step and the compensated steps.
         """
-        return self._end(saga, "failed")
+        return self._end(saga, "failed", emits)
 
     def track(self, saga: SagaDefinition) -> None:
         """End sagas of `saga` (emit `SagaCompleted`/`SagaFailed`) even without end handlers."""
@@ -174,8 +189,9 @@ class Service:
             )
         self.sagas[saga.start.event_type] = saga
 
-    def _end(self, saga: SagaDefinition, outcome: str) -> Callable[[F], F]:
+    def _end(self, saga: SagaDefinition, outcome: str, emits: Emits) -> Callable[[F], F]:
         self.track(saga)
+        out = _emits(self.name, emits, f"saga_{outcome}")
 
         def register(fn: F) -> F:
             known = self.ends.get((saga.name, outcome))
@@ -184,7 +200,7 @@ class Service:
                     f"service {self.name!r}: saga {saga.name!r} has two {outcome} handlers "
                     f"({known.name} and {fn.__module__}.{fn.__qualname__})"
                 )
-            self.ends[saga.name, outcome] = Handler(outcome, _callable(self.name, fn), None)
+            self.ends[saga.name, outcome] = Handler(outcome, _callable(self.name, fn), None, emits=out)
             return fn
 
         return register
@@ -254,3 +270,9 @@ def _event_class(service: str, obj: object, where: str) -> type[Event]:
             f"service {service!r}: {where} expects an Event subclass, got {obj!r}"
         )
     return obj  # type: ignore[return-value]
+
+
+def _emits(service: str, emits: object, where: str) -> tuple[type[Event], ...]:
+    if not isinstance(emits, (tuple, list)):
+        raise WiringError(f"service {service!r}: {where}: emits= expects a list of Event subclasses, got {emits!r}")
+    return tuple(_event_class(service, e, f"{where} emits=") for e in emits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from uuid import NAMESPACE_URL, uuid4, uuid5
 
-from choreo import clock
+from choreo import clock, tracing
 from choreo.errors import ConcurrencyConflict, WiringError
 from choreo.events import Envelope, Event, encode_payload
 from choreo.saga import SagaDefinition
@@ -99,6 +99,8 @@ class System:
                 f"Service(..., starts=[{type(event).__name__}])"
             )
         saga_id = saga_id or str(uuid4())
+        with tracing.starting(event.event_type, saga_id):
+            trace = tracing.carried(None)
         envelope = Envelope(
             event_id=str(uuid5(_START_NAMESPACE, saga_id)),
             type=event.event_type,
@@ -110,5 +112,6 @@ class System:
             outcome=None,
             occurred_at=clock.now(),
             payload=encode_payload(event),
+            trace=trace,
         )
         return envelope

@@ -44,7 +44,7 @@ def stock_item(ctx: Context, sku: str) -> StockItem:
     return ctx.find(StockItem, sku) or ctx.create(StockItem, sku, sku=sku, on_hand=CATALOG.get(sku, 0))
 
 
-@service.step("reserve_inventory", on=OrderPlaced)
+@service.step("reserve_inventory", on=OrderPlaced, emits=[OutOfStock])
 def reserve(order: OrderPlaced, ctx: Context) -> ItemsReserved:
     item = stock_item(ctx, order.sku)
     if order.quantity > item.on_hand:

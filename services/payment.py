@@ -66,7 +66,7 @@ def wallet(ctx: Context, customer_id: str) -> Wallet:
     )
 
 
-@service.step("process_payment", on=ItemsReserved)
+@service.step("process_payment", on=ItemsReserved, emits=[PaymentDeclined])
 def charge(reserved: ItemsReserved, ctx: Context) -> PaymentCaptured:
     call_provider(reserved.order_id, reserved.customer_id)
     w = wallet(ctx, reserved.customer_id)

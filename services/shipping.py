@@ -31,7 +31,7 @@ class Shipment(Aggregate):
         self.cancelled = True
 
 
-@service.step("create_shipment", on=PaymentCaptured)
+@service.step("create_shipment", on=PaymentCaptured, emits=[ShipmentRejected])
 def book(paid: PaymentCaptured, ctx: Context) -> ShipmentCreated:
     if paid.address in UNDELIVERABLE:
         raise StepFailed(

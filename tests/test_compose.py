@@ -42,6 +42,16 @@ def test_every_command_is_a_valid_choreo_command(name: str) -> None:
     assert spec["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
-def test_the_image_installs_the_kafka_extra() -> None:
+def test_the_image_installs_the_kafka_and_metrics_extras() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert '".[kafka]"' in dockerfile and 'ENTRYPOINT ["choreo"]' in dockerfile
+    assert '".[kafka,metrics]"' in dockerfile and 'ENTRYPOINT ["choreo"]' in dockerfile
+
+
+def test_every_service_container_is_health_checked_on_its_metrics_port() -> None:
+    runs = {name: spec for name, spec in choreo_services().items() if spec["command"][0] == "run"}
+    assert len(runs) == len(TARGETS)
+    for name, spec in runs.items():
+        args = build_parser().parse_args(spec["command"])
+        assert args.metrics_port, name
+        test = spec["healthcheck"]["test"]
+        assert test[0] == "CMD" and f"http://127.0.0.1:{args.metrics_port}/healthz" in " ".join(test), name

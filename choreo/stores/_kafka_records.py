@@ -5,7 +5,9 @@ Any Kafka client can read a record (docs/kafka.md, "The record format"):
 - the key is the saga id, UTF-8;
 - the value is a UTF-8 JSON object with the envelope's fields and `payload`, the event;
 - the headers `choreo-type`, `choreo-event-id` and, when set, `choreo-outcome` let a
-  consumer skip the records it does not want without decoding their value.
+  consumer skip the records it does not want without decoding their value;
+- with tracing, the value's `trace` and the W3C `traceparent` header carry the trace
+  context of the span that wrote the record.
 
 `choreo.stores.kafka` re-exports these functions.
 """
@@ -40,6 +42,9 @@ def encode_record(env: Envelope) -> tuple[bytes, bytes, list[tuple[str, bytes]]]
     headers = [("choreo-type", env.type.encode()), ("choreo-event-id", env.event_id.encode())]
     if env.outcome:
         headers.append(("choreo-outcome", env.outcome.encode()))
+    if env.trace:
+        record["trace"] = env.trace
+        headers.append(("traceparent", env.trace.encode()))
     return env.saga_id.encode(), json.dumps(record, ensure_ascii=False).encode(), headers
 
 
@@ -68,7 +73,7 @@ def decode_record(key: bytes | None, value: bytes | None, topic: str, partition:
             service=str(d.get("service") or ""), step=d.get("step"), outcome=d.get("outcome"),
             occurred_at=occurred if occurred.tzinfo else occurred.replace(tzinfo=timezone.utc),
             payload=json.dumps(d["payload"], ensure_ascii=False, separators=(",", ":")),
-            position=position, source=source,
+            position=position, source=source, trace=d["trace"] if isinstance(d.get("trace"), str) else None,
         )
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         return Envelope(

@@ -30,6 +30,7 @@ does not let it, the store cannot be read and says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -73,7 +74,8 @@ CREATE TABLE IF NOT EXISTS choreo_log (
     step TEXT,
     outcome TEXT,
     occurred_at TEXT NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    trace TEXT
 );
 """
 _SERVICE_SCHEMA = """
@@ -147,6 +149,8 @@ class SQLiteStore(LogStore):
         else:
             with self._write() as c:
                 c.executescript_safe(_SCHEMA)
+                if "trace" not in {r[1] for r in c.c.execute("PRAGMA table_info(choreo_log)")}:
+                    c.c.execute("ALTER TABLE choreo_log ADD COLUMN trace TEXT")  # a log written before traces
             self._log_made = True
 
     # -- connections and transactions ------------------------------------------------
@@ -294,10 +298,17 @@ class SQLiteStore(LogStore):
                 params += sorted(interest.known)
             where += f" AND ({' OR '.join(wanted)})"
         rows = self._query(
-            f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?", (*params, limit),
+            f"SELECT {_LOG_COLUMNS}, {self._trace_column} FROM choreo_log WHERE {where} ORDER BY position LIMIT ?",
+            (*params, limit),
             lenient=True,
         )
         return [_envelope(r) for r in rows]
+
+    @functools.cached_property
+    def _trace_column(self) -> str:
+        """`trace`, or NULL in a log written before traces (opened read-only, so not migrated)."""
+        has = any(r[1] == "trace" for r in self._query("PRAGMA table_info(choreo_log)"))
+        return "trace" if has else "NULL"
 
     def read_rows(self, after: int, limit: int = 500) -> list[Row]:
         """`read()` as plain rows; a text column that is not valid UTF-8 comes back as `Undecodable` bytes."""
@@ -375,10 +386,10 @@ class _Cursor:
             return []
         self.c.executemany(
             "INSERT INTO choreo_log (event_id, type, version, saga_id, causation_id, "
-            "service, step, outcome, occurred_at, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "service, step, outcome, occurred_at, payload, trace) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (e.event_id, e.type, e.version, e.saga_id, e.causation_id, e.service,
-                 e.step, e.outcome, e.occurred_at.isoformat(), e.payload)
+                 e.step, e.outcome, e.occurred_at.isoformat(), e.payload, e.trace)
                 for e in envelopes
             ],
         )
@@ -662,4 +673,5 @@ def _envelope(r: Sequence[Any]) -> Envelope:
         occurred_at=occurred,
         payload=r[10],
         malformed=malformed,
+        trace=r[11] if len(r) > 11 and type(r[11]) is str else None,
     )
