@@ -17,14 +17,14 @@ from uuid import uuid4
 import pytest
 from kafka import KafkaAdminClient
 
-from choreo import PartitionLost, Processor, open_store
+from choreo import Context, Event, PartitionLost, Processor, RetryPolicy, Service, open_store
 from choreo.stores._kafka_owner import OWNER
 from choreo.stores.kafka import KafkaStore
 from choreo.tansu import TansuBroker
 from services import TARGETS, system
 from services.checks import check_invariants, read_facts
 from services.demo import plan
-from tests.test_kafka_faults import FaultPing, echo, envelope
+from tests.test_kafka_faults import FaultPing, FaultPong, echo, envelope
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,6 +99,37 @@ def test_a_processor_that_lost_its_partitions_stops_committing_for_them(kafka_ur
     proc.close()
     stale.close()
     other.close()
+
+
+holder = Service("holder")
+
+
+@holder.on(FaultPing)
+def pong_unless_zero(ping: FaultPing, ctx: Context) -> Event:
+    if ping.n == 0:
+        raise ValueError("ping 0 cannot be answered")
+    return FaultPong(n=ping.n)
+
+
+def test_a_replica_given_a_partition_holds_the_sagas_another_replica_parked(
+    kafka_broker: TansuBroker, tmp_path: Path
+) -> None:
+    url = group_url(kafka_broker, str(tmp_path / "state"), partitions=1)
+    first, second = kafka(url), kafka(url)
+    park = RetryPolicy(retry_on=())
+    a, b = Processor(holder, first, retry=park), Processor(holder, second, retry=park)  # b read its state now
+    first.append([envelope(FaultPing(n=0), "s-1")])
+    until(lambda: a.poll(0.1) >= 0 and len(a.own.dead_letters()) == 1, timeout=30, step=0)
+    a.close()  # leaves the group: the partition moves to b
+    first.append([envelope(FaultPing(n=1), "s-1"), envelope(FaultPing(n=2), "s-2")])
+    position = f"{second.topic}:0"
+    until(lambda: b.poll(0.2) >= 0 and b.own.tracking().get(position, 0) >= 4, timeout=30, step=0)  # read all
+    pongs = [e.saga_id for x in second.scan() for e in x if e.type == "FaultPong"]
+    assert pongs == ["s-2"]  # s-1's second ping waits behind the letter a parked: the saga keeps its order
+    assert [d.saga_id for d in b.own.dead_letters()] == ["s-1", "s-1"]
+    b.close()
+    first.close()
+    second.close()
 
 
 def test_replicas_split_the_partitions_publish_each_event_once_and_show_their_offsets(
