@@ -554,6 +554,7 @@ class _KafkaFeed(Feed):
         if self.own is not None:
             self.own.claim(tp.partition for tp in partitions)
         self._unclaimed.difference_update(partitions)
+        self.consumer.resume(*partitions)  # paused if it was lost before: kafka-python keeps that across rebalances
         self.seek(partitions)
 
     def reassigned(self) -> bool:
