@@ -125,6 +125,8 @@ class _KafkaServiceStore(ServiceStore):
                 self.flush()
             except StoreError as e:
                 log.warning("%s: committed; publishing waits for Kafka: %s", self.name, e)
+            except ConcurrencyConflict as e:  # another replica's relay marked a partition: the next flush reads again
+                log.warning("%s: committed; publishing waits: %s", self.name, e)
 
     def claim(self, partitions: Iterable[int]) -> None:
         """Claim partitions the group gave this replica (see `Ownership`); the relay looks at their outbox."""
