@@ -579,8 +579,8 @@ class _KafkaFeed(Feed):
         if not offsets:
             return
         try:
-            if wait:
-                self.consumer.commit(offsets)
+            if wait:  # bounded: a broker that is away must not hold a rebalance or a shutdown
+                self.consumer.commit(offsets, timeout_ms=min(2000, self.kafka.settings.request_timeout_ms))
             else:
                 self.consumer.commit_async(offsets, callback=self._advised)
         except KafkaError as e:
