@@ -214,7 +214,7 @@ def test_replicas_of_payment_and_inventory_survive_a_kill_9_and_every_saga_ends_
     replicas = {"orders": 1, "shipping": 1, "notification": 1, "payment": 3, "inventory": 2}
     procs = {(name, i): spawn(name, url, env, tmp_path / f"{name}-{i}.log")
              for name, count in replicas.items() for i in range(count)}
-    planned = plan(300, seed=13)
+    planned = plan(int(os.environ.get("CHOREO_TEST_SAGAS", "300")), seed=13)  # more for a measurement
     saga_ids = {s for s, *_ in planned}
     ends: Counter[str] = Counter()
     watch = store.feed(f"watch-{uuid4()}", dict, group=False)
@@ -229,7 +229,7 @@ def test_replicas_of_payment_and_inventory_survive_a_kill_9_and_every_saga_ends_
         until(lambda: all(len(marks(store, name)) == 6 for name in ("payment", "inventory")), timeout=60)
         for i in range(0, len(planned), 50):
             system.start_many(store, [(o, s) for s, o, _, _ in planned[i : i + 50]])
-        until(lambda: ended() >= 60, timeout=120)
+        until(lambda: ended() >= len(planned) // 5, timeout=120)
         before = {name: marks(store, name) for name in ("payment", "inventory")}
         killed = time.monotonic()
         for victim in (("payment", 0), ("inventory", 0)):
@@ -268,6 +268,6 @@ def test_replicas_of_payment_and_inventory_survive_a_kill_9_and_every_saga_ends_
     # a copy (same id, skipped by every consumer) only of what a killed replica published before marking it
     assert set(copies) <= {"payment", "inventory"}, copies
     store.close()
-    print(f"\nkill -9 of a payment and an inventory replica with {at_kill}/300 sagas ended: partitions claimed "
-          f"again after {failover:.1f}s, every saga ended {finished:.1f}s after the kill; copies in the topic: "
-          f"{dict(copies)}")
+    print(f"\nkill -9 of a payment and an inventory replica with {at_kill}/{len(planned)} sagas ended: "
+          f"partitions claimed again after {failover:.1f}s, every saga ended {finished:.1f}s after the kill; "
+          f"copies in the topic: {dict(copies)}")
