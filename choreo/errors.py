@@ -18,6 +18,7 @@
     ├── EventIdTaken                        an emitted event's id is already in the log for another event
     ├── EventTooLarge (ValueError)          an emitted event is larger than the log accepts
     └── ConcurrencyConflict                 another writer got there first; the batch is retried
+        └── PartitionLost                   a replica's commit for a Kafka partition it no longer owns
 
 `StepFailed` is not an error of choreo: handlers raise it to say that a saga step
 failed for a business reason, which starts compensation.
@@ -122,6 +123,13 @@ class EventTooLarge(ChoreoError, ValueError):
 
 class ConcurrencyConflict(ChoreoError):
     """Another writer changed the same aggregate or tracking position first."""
+
+
+class PartitionLost(ConcurrencyConflict):
+    """A replica tried to commit for a Kafka partition that another replica of its service now owns.
+
+    The commit is refused and nothing is written; the replica goes on with the partitions it owns.
+    """
 
 
 class StepFailed(Exception):

@@ -137,6 +137,9 @@ class Processor(Parking, Timers):
         try:
             await self._io(self.own.flush)
             batch = await self._io(self.feed.poll, self.batch_size, timeout)
+            if self.feed.reassigned():  # another replica may have changed this service's state: read it again
+                self._stale = True
+                return 0
             if batch:
                 await self._take(batch)
             await self._run_due_retries()

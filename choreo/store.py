@@ -283,6 +283,13 @@ class Feed(ABC):
     def rewind(self) -> None:
         """Continue after the reader's recorded tracking again (after a conflict or a restart)."""
 
+    def reassigned(self) -> bool:
+        """Whether the reader was given other parts of the log since the last call (Kafka: partitions).
+
+        Other replicas of the reader may have changed its state meanwhile, so it reads its state again.
+        """
+        return False
+
     def caught_up(self) -> bool:
         """Whether this reader's last poll reached the end of the log as it was then.
 

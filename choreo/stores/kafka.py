@@ -4,15 +4,22 @@
   so one saga's events stay in order in one partition. The message value is the
   envelope as UTF-8 JSON; headers repeat the metadata (`choreo.stores._kafka_records`).
 - Each service is a consumer group; its replicas split the partitions. A service
-  keeps its own SQLite file (`STATE/svc-NAME.db`) with its aggregates, its tracking
-  per `topic:partition` (position = offset + 1), the ids it handled, its dead letters,
-  and an outbox of emitted events, all written in the handler's one transaction.
+  keeps its state in its own SQLite file (`STATE/svc-NAME.db`), or in the store that
+  `state=URL` names (shared by its replicas): its aggregates, its tracking per
+  `topic:partition` (position = offset + 1), the ids it handled, its dead letters, and
+  an outbox of emitted events, all written in the handler's one transaction.
+- A replica claims each partition the group gives it in that store, and commits only
+  for partitions it owns: a replica that lost one is refused (`PartitionLost`,
+  nothing written; see `choreo.stores._kafka_owner`). Each replica publishes the
+  outbox of its own partitions.
 - The outbox is published by the relay (`choreo.stores._kafka_relay`) through `deliver()`,
   which reports, record by record, what the broker acknowledged, what it refuses for
   good (too large, invalid) and what failed for now. A producer the broker no longer
   knows (it restarted empty) is replaced.
 - The service's tracking is the truth for offsets: on (re)assignment each partition
-  is sought to the tracked position. Offsets are not committed to Kafka.
+  is sought to the tracked position, never to Kafka's committed offset. After each
+  local commit the positions are also committed to Kafka, for ops tools to show the
+  group's lag (advisory only; a failed commit there is logged at debug level).
 - A partition that ends before a reader's position (the broker lost its data) raises
   `LogRewound`: the feed compares its position with the high watermark of each fetch
   response, confirmed by a ListOffsets request. (tansu answers ListOffsets with the
@@ -37,11 +44,15 @@ from choreo.stores._kafka_relay import _KafkaServiceStore
 from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreNotFound, StoreURLError
 from choreo.events import Envelope
 from choreo.stores.sqlite import SQLiteStore
-from choreo.store import DocumentStore, EventStore, Feed, Interest, ServiceStore, Tracking, check_service_name
+from choreo.store import (
+    DocumentStore, EventStore, Feed, Interest, LogStore, ServiceStore, Tracking, check_service_name, open_store,
+)
 
 try:
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.consumer.subscription_state import ConsumerRebalanceListener
+    from kafka.partitioner.default import murmur2
+    from kafka.structs import OffsetAndMetadata
     from kafka.errors import (
         CorruptRecordError, InvalidProducerEpochError, InvalidProducerIdMappingError, InvalidRecordError,
         InvalidTimestampError, KafkaConnectionError, KafkaError, MessageSizeTooLargeError,
@@ -79,7 +90,9 @@ class KafkaSettings:
     servers: str
     topic: str = "choreo.events"
     partitions: int = 6
-    state: str = ""  # default: $CHOREO_STATE, else choreo-state/TOPIC
+    #: a folder of SQLite files (default: $CHOREO_STATE, else choreo-state/TOPIC), or a store URL
+    #: (`sqlite:///FILE`, `postgresql://...`) that holds every service's state, for replicas across hosts
+    state: str = ""
     group_prefix: str = "choreo."
     durability: str = "full"
     wait: float = 0.0
@@ -123,7 +136,8 @@ class Delivery:
 
 
 class KafkaStore(EventStore):
-    """The log in a Kafka topic; each service's and read model's own state in SQLite files under `state`."""
+    """The log in a Kafka topic; each service's and read model's own state in SQLite files under `state`,
+    or in the store that `state` names by URL."""
 
     idle_timeout = 0.5
 
@@ -141,10 +155,15 @@ class KafkaStore(EventStore):
         self.topic = settings.topic
         self._guard = threading.Lock()
         self._local: dict[tuple[str, str], SQLiteStore] = {}
+        self._services: dict[str, _KafkaServiceStore] = {}
+        self._state: LogStore | None = None  # the store `state=URL` names, once opened
+        self._partitions: int | None = None  # the topic's partition count, once read
         self._producer: KafkaProducer | None = None
         #: opened to read only (`open_store(url, create=False)`): no topic, folder or file is created
         self.read_only = not create
-        if create:
+        #: whether `state` is a store URL (else a folder of SQLite files)
+        self.state_url = "://" in settings.state
+        if create and not self.state_url:
             os.makedirs(settings.state, exist_ok=True)
         if not _FAST_CRC:
             log.warning("the crc32c package is not installed: kafka-python checks record CRCs in pure "
@@ -332,7 +351,9 @@ class KafkaStore(EventStore):
         self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True, interest: Interest | None = None
     ) -> Feed:
         """Kafka cannot filter on the broker; with `interest`, records are left out by their headers."""
-        return _KafkaFeed(self, reader, self.settings.group_prefix + reader if group else None, tracking, interest)
+        own = self._services.get(reader) if group else None
+        return _KafkaFeed(self, reader, self.settings.group_prefix + reader if group else None, tracking, interest,
+                          own)
 
     def local(self, file: str, durability: str | None = None) -> SQLiteStore:
         """The SQLite store in `STATE/file` (opened once per durability)."""
@@ -345,14 +366,62 @@ class KafkaStore(EventStore):
                 )
             return self._local[file, durability]
 
+    def state_store(self) -> LogStore:
+        """The store that `state=URL` names, opened once; services' state and read models live there."""
+        with self._guard:
+            if self._state is None:
+                # it must record handled ids: Kafka can deliver one event twice
+                store = open_store(self.settings.state, create=not self.read_only, dedupe=True)
+                if not isinstance(store, LogStore):
+                    store.close()
+                    raise StoreURLError(f"state={self.settings.state!r} cannot hold an outbox: use a folder, "
+                                        "sqlite:///FILE or postgresql://...")
+                self._state = store
+            return self._state
+
+    def state_of(self, name: str) -> tuple[LogStore, DocumentStore, bool]:
+        """A service's state store, its relay's marks, and whether other services' outboxes share its log."""
+        if self.state_url:
+            state = self.state_store()
+            return state, state.documents(f"relay_{name}"), True
+        file = f"svc-{name}.db"
+        return self.local(file), self.local(file, durability="normal").documents("outbox_relay"), False
+
     def service(self, name: str) -> ServiceStore:
+        """The service's own store: one per name and `KafkaStore` (a process is one replica)."""
         check_service_name(name)
-        if self.read_only and not os.path.exists(os.path.join(self.settings.state, f"svc-{name}.db")):
+        if self.read_only and not self.state_url and not os.path.exists(
+            os.path.join(self.settings.state, f"svc-{name}.db")
+        ):
             raise StoreNotFound(f"no service {name!r} in {self.settings.state} (its state for topic {self.topic!r})")
-        return _KafkaServiceStore(self, name)
+        with self._guard:
+            own = self._services.get(name)
+        if own is None:
+            own = _KafkaServiceStore(self, name)
+            with self._guard:
+                own = self._services.setdefault(name, own)
+        return own
+
+    def partition_count(self) -> int:
+        """How many partitions the topic has (read from the broker once)."""
+        if self._partitions is None:
+            try:
+                found = self.producer().partitions_for(self.topic)
+            except KafkaError as e:
+                raise StoreError(f"reading the partitions of Kafka topic {self.topic!r} failed: {e}") from None
+            if not found:
+                raise StoreError(f"Kafka topic {self.topic!r} has no partitions at {self.settings.servers}")
+            self._partitions = len(found)
+        return self._partitions
+
+    def partition_of(self, saga_id: str) -> int:
+        """The partition a saga's events go to (the producer's default partitioner: murmur2 of the key)."""
+        return (murmur2(saga_id.encode()) & 0x7FFFFFFF) % self.partition_count()
 
     def documents(self, name: str) -> DocumentStore:
         check_service_name(name)
+        if self.state_url:
+            return self.state_store().documents(name)
         if self.read_only and not os.path.exists(os.path.join(self.settings.state, "readmodels.db")):
             from choreo.stores.memory import InMemoryStore
 
@@ -407,6 +476,10 @@ class KafkaStore(EventStore):
         with self._guard:
             producer, self._producer = self._producer, None
             stores, self._local = list(self._local.values()), {}
+            state, self._state = self._state, None
+            self._services = {}
+        if state is not None:
+            stores.append(state)  # type: ignore[arg-type]
         if producer is not None:
             try:
                 producer.close(timeout=5)
@@ -422,7 +495,7 @@ def _broken(error: Exception) -> bool:
 
 
 class _Assigned(ConsumerRebalanceListener):
-    """Seeks newly assigned partitions to the reader's own tracking (the truth for offsets)."""
+    """Claims newly assigned partitions and seeks them to the reader's own tracking (the truth for offsets)."""
 
     def __init__(self, feed: _KafkaFeed) -> None:
         self.feed = feed
@@ -434,7 +507,7 @@ class _Assigned(ConsumerRebalanceListener):
         # kafka-python logs what a listener raises and raises a vaguer KafkaError from poll();
         # the feed keeps the error and raises it itself from its next poll.
         try:
-            self.feed.seek(assigned)
+            self.feed.take(assigned)
         except Exception as e:
             self.feed.failed_seek(assigned, e)
 
@@ -444,7 +517,7 @@ class _KafkaFeed(Feed):
 
     def __init__(
         self, kafka: KafkaStore, reader: str, group: str | None, tracking: Callable[[], Tracking],
-        interest: Interest | None,
+        interest: Interest | None, own: _KafkaServiceStore | None = None,
     ) -> None:
         self.kafka = kafka
         self.reader = reader
@@ -454,7 +527,15 @@ class _KafkaFeed(Feed):
         self._tracking = tracking
         self._next: dict[Any, int] = {}  # by partition: the offset of the next record this reader expects
         self._unsought: set[Any] = set()  # assigned partitions the listener could not seek
+        self._unclaimed: set[Any] = set()  # of those, the ones not claimed yet
         self._failure: Exception | None = None  # why, to raise from the next poll
+        self._moved = False  # partitions were assigned since `reassigned()` was last asked
+        self._advice: dict[int, int] = {}  # positions committed locally, to commit to Kafka too
+        #: the service's own store: a replica claims its partitions there and commits only for those
+        self.own = own
+        if own is not None:
+            own.feed = self
+            own.owner.active = True
         self.consumer = kafka.consumer(group)
         if group is not None:
             self.consumer.subscribe([self.topic], listener=_Assigned(self))
@@ -464,6 +545,50 @@ class _KafkaFeed(Feed):
                 raise StoreError(f"Kafka topic {self.topic!r} has no partitions at {kafka.settings.servers}")
             self.consumer.assign([TopicPartition(self.topic, p) for p in sorted(partitions)])
             self.rewind()
+
+    def take(self, partitions: Iterable[Any]) -> None:
+        """Claim partitions the group assigned (in the service's store), then seek them to its tracking."""
+        partitions = list(partitions)
+        self._moved = True
+        self._unclaimed.update(partitions)
+        if self.own is not None:
+            self.own.claim(tp.partition for tp in partitions)
+        self._unclaimed.difference_update(partitions)
+        self.consumer.resume(*partitions)  # paused if it was lost before: kafka-python keeps that across rebalances
+        self.seek(partitions)
+
+    def reassigned(self) -> bool:
+        """Whether the group assigned partitions since the last call: other replicas changed their state."""
+        moved, self._moved = self._moved, False
+        return moved
+
+    def advise(self, tracking: Tracking) -> None:
+        """Note positions the service committed locally; the next poll commits them to Kafka (advisory)."""
+        for source, position in tracking.items():
+            topic, _, number = source.rpartition(":")
+            if topic == self.topic and number.isdigit():
+                self._advice[int(number)] = position
+
+    def _commit_advice(self, partitions: Iterable[Any] | None = None, *, wait: bool = False) -> None:
+        """Commit the noted positions to Kafka (of `partitions`, default all assigned); errors only logged."""
+        if not self._advice or self.group is None:
+            return
+        wanted = set(self.consumer.assignment() if partitions is None else partitions)
+        offsets = {tp: OffsetAndMetadata(self._advice.pop(tp.partition), "", -1)
+                   for tp in wanted if tp.partition in self._advice}
+        if not offsets:
+            return
+        try:
+            if wait:  # bounded: a broker that is away must not hold a rebalance or a shutdown
+                self.consumer.commit(offsets, timeout_ms=min(2000, self.kafka.settings.request_timeout_ms))
+            else:
+                self.consumer.commit_async(offsets, callback=self._advised)
+        except KafkaError as e:
+            log.debug("%s: committing offsets to Kafka (advisory) failed: %s", self.reader, e)
+
+    def _advised(self, offsets: Any, result: Any) -> None:
+        if isinstance(result, Exception):
+            log.debug("%s: committing offsets to Kafka (advisory) failed: %s", self.reader, result)
 
     def seek(self, partitions: Iterable[Any]) -> None:
         """Continue each partition after the reader's tracked position in it."""
@@ -481,18 +606,31 @@ class _KafkaFeed(Feed):
         self._failure = error
 
     def forget(self, partitions: Iterable[Any]) -> None:
-        """Stop watching partitions the group took away."""
+        """Stop watching partitions the group took away (committing their last positions to Kafka first)."""
+        partitions = list(partitions)
+        self._commit_advice(partitions, wait=True)
+        if self.own is not None:
+            self.own.release(tp.partition for tp in partitions)
         for tp in partitions:
             self._next.pop(tp, None)
             self._unsought.discard(tp)
+            self._unclaimed.discard(tp)
 
     def rewind(self) -> None:
         self.seek(self.consumer.assignment())
 
     def poll(self, limit: int, timeout: float = 0.0) -> list[Envelope]:
         self._failure = None
+        if self._unclaimed:
+            self.take(set(self._unclaimed) & self.consumer.assignment())
         if self._unsought:
             self.seek(set(self._unsought) & self.consumer.assignment())
+        self._commit_advice()
+        if self.own is not None:  # partitions another replica claimed: read no more of them till the group says
+            lost = {tp for tp in self.consumer.assignment() if tp.partition not in self.own.owner.owned}
+            lost -= self._unclaimed
+            if lost - self.consumer.paused():
+                self.consumer.pause(*lost)
         try:
             got = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=limit)
         except KafkaError as e:
@@ -567,6 +705,14 @@ class _KafkaFeed(Feed):
             return True
 
     def close(self) -> None:
+        if self.group is not None:
+            try:
+                self._commit_advice(wait=True)
+            except Exception as e:  # leaving the group matters more
+                log.debug("%s: committing offsets to Kafka (advisory) failed: %s", self.reader, e)
+        if self.own is not None and self.own.feed is self:
+            self.own.feed = None
+            self.own.release(list(self.own.owner.owned))
         self.consumer.close()
 
 
