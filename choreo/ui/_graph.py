@@ -1,37 +1,24 @@
 """The system's flow, derived from its registered handlers: who reacts to what, who emits what.
 
-What a handler emits is read from its return annotation (`-> PaymentCaptured`, a union,
-a list or tuple of events); what it emits otherwise (a step's failure raised with
-`StepFailed(...)`) shows once the log holds such an event (`observed`).
+What a handler emits is what it declares, as `choreo check` reads it: its return
+annotation (`-> PaymentCaptured`, a union, a list of events) and `emits=[...]` on its
+registration; what it emits undeclared shows once the log holds such an event (`observed`).
 """
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from choreo.events import is_event_class
+from choreo.checks import declared_emits
+from choreo.events import Event
 from choreo.system import System
 
 
-def emitted_types(fn: Callable[..., Any]) -> list[str]:
-    """The event type names in `fn`'s return annotation (none if it has none or it cannot be resolved)."""
-    try:
-        hint = typing.get_type_hints(fn).get("return")
-    except Exception:  # a forward reference that does not resolve: nothing declared
-        return []
-    found: list[str] = []
-
-    def walk(t: Any) -> None:
-        if is_event_class(t):
-            found.append(t.event_type)
-        for arg in typing.get_args(t):
-            walk(arg)
-
-    walk(hint)
-    return list(dict.fromkeys(found))
+def emitted_types(fn: Callable[..., Any], extra: Iterable[type[Event]] = ()) -> list[str]:
+    """The event types `fn` declares it emits (return annotation and `emits=`), sorted (as `choreo check` reads them)."""
+    return sorted(declared_emits(fn, extra) or ())
 
 
 @dataclass
@@ -66,13 +53,13 @@ def flow_of(system: System, observed: Mapping[tuple[str, str], int] = {}) -> Flo
             for h in handlers:
                 kind = "step" if h.kind == "step" else "handles"
                 edge(f"e:{event_type}", f"s:{name}", h.step or h.fn.__name__, kind)
-                emits = emitted_types(h.fn)
+                emits = emitted_types(h.fn, h.emits)
                 for t in emits:
                     events[t] = None
                     edge(f"s:{name}", f"e:{t}", h.step or h.fn.__name__, "emits")
                 rows.append((h.kind, h.step or h.fn.__name__, event_type, ", ".join(emits) or "-"))
         for step, h in service.compensations.items():
-            emits = emitted_types(h.fn)
+            emits = emitted_types(h.fn, h.emits)
             for t in emits:
                 events[t] = None
                 edge(f"s:{name}", f"e:{t}", f"undo {step}", "compensation")
@@ -80,7 +67,7 @@ def flow_of(system: System, observed: Mapping[tuple[str, str], int] = {}) -> Flo
         for deadline in service.deadlines.values():
             events[deadline.start_on.event_type] = None
             edge(f"e:{deadline.start_on.event_type}", f"s:{name}", f"deadline {deadline.name}", "handles")
-            emits = emitted_types(deadline.fn)
+            emits = emitted_types(deadline.fn, deadline.emits)
             for t in emits:
                 events[t] = None
                 edge(f"s:{name}", f"e:{t}", f"deadline {deadline.name}", "emits")
@@ -89,7 +76,7 @@ def flow_of(system: System, observed: Mapping[tuple[str, str], int] = {}) -> Flo
             rows.append(("deadline", f"{deadline.name} (after {deadline.after}; {cancel})",
                          deadline.start_on.event_type, ", ".join(emits) or "-"))
         for (saga, outcome), h in service.ends.items():
-            emits = emitted_types(h.fn)
+            emits = emitted_types(h.fn, h.emits)
             end_type = "choreo.SagaCompleted" if outcome == "completed" else "choreo.SagaFailed"
             for t in emits:
                 events[t] = None
