@@ -40,15 +40,18 @@ from choreo._timers import Timers
 from choreo._unit_of_work import AggregateCache, Busy, Claims, SagaView, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
-from choreo.errors import ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
+from choreo.errors import ClaimLost, ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped, decode_payload, is_known_type, known_types
 from choreo.operations import (
     OPERATOR_COMMANDS, CompensationForced, CompensationRefused, CompensationRequested, DeadLetterResolved,
 )
+from choreo.replicas import Replica, ReplicaSettings
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
-from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
+from choreo.store import (
+    HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, LogStore, ServiceStore, Tracking, advance,
+)
 
 log = logging.getLogger("choreo")
 T = TypeVar("T")
@@ -78,11 +81,14 @@ class Processor(Parking, Timers):
         retry: RetryPolicy | None = None,
         concurrency: int | None = None,
         threads: int | None = None,
+        replica: ReplicaSettings | None = None,
     ) -> None:
         service.validate()
         self.service = service
         self.store = store
         self.own = store.service(service.name)
+        #: this process's claims when the service's work is split among replicas (None: it does it all)
+        self.replica = self._replica_of(replica)
         self.batch_size = batch_size
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
@@ -108,7 +114,7 @@ class Processor(Parking, Timers):
         self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
-        self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
+        self.feed = store.feed(service.name, self._feed_tracking if self.replica else self.own.tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
         ))
@@ -127,6 +133,13 @@ class Processor(Parking, Timers):
 
     async def apoll(self, timeout: float = 0.0) -> int:
         """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
+        if self.replica is not None:
+            if await self._io(self.replica.tick_if_due):
+                self._stale = True  # segments came or went: read from the committed state again
+            if not self.replica.tokens:  # none of the work is ours now: wait, renew, look again
+                await self._io(time.sleep, timeout)
+                return 0
+            self._held = self.replica.held()  # what this poll's commits are checked against
         if self._stale:
             await self._io(self._reload)
         batch: list[Envelope] = []
@@ -138,6 +151,10 @@ class Processor(Parking, Timers):
             await self._run_due_retries()
             if len(batch) < self.batch_size:
                 await self._fire_due_deadlines()
+        except ClaimLost as e:
+            log.warning("%s: %s; going on with the segments it still holds", self.service.name, e)
+            self._stale = True
+            self.replica.expire()  # type: ignore[union-attr]
         except ConcurrencyConflict as e:
             log.warning("%s: %s; reloading and retrying the batch", self.service.name, e)
             self._stale = True
@@ -176,7 +193,7 @@ class Processor(Parking, Timers):
         """Forget what the failed batch did and continue after the committed tracking."""
         self.cache.clear()
         self.tracking = self.own.tracking()
-        letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING]
+        letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING and self._mine(d.saga_id)]
         self.held = {d.saga_id for d in letters}
         self.next_retry_at = min((d.due_at for d in letters if d.status == RETRYING and d.due_at), default=None)
         if hasattr(self, "feed"):
@@ -184,9 +201,11 @@ class Processor(Parking, Timers):
         self._stale = False
 
     async def _take(self, batch: Sequence[Envelope]) -> None:
+        if self.replica is not None and self.replica.shared:
+            self.cache.clear()  # other replicas write shared aggregates: read them as they are now
         fresh = await self._fresh(batch)
         if not any(self._relevant(e) for e in fresh):
-            self.tracking.update(advance(batch))
+            self.tracking.update(self._reached(batch))
             return
         if self._has_steps or self._starts:
             await self._prefetch(fresh)
@@ -206,7 +225,11 @@ class Processor(Parking, Timers):
 
     async def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
         """Drop what this service already processed: redelivered positions and repeated event ids."""
-        fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
+        if self.replica is None:
+            fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
+        else:  # each segment from its own position
+            key = self.replica.key
+            fresh = [e for e in batch if (e.position or 0) > self.tracking.get(key(e.source, e.saga_id), 0)]
         ids = [e.event_id for e in fresh if self._relevant(e)]
         skip = await self._io(self.own.seen, ids) if ids else set()
         out = []
@@ -231,8 +254,14 @@ class Processor(Parking, Timers):
                 return total
 
     def close(self) -> None:
-        """Leave the log and stop the thread pool; the service's own store stays open."""
+        """Leave the log (and free this replica's segments) and stop the thread pool; the store stays open."""
         self.feed.close()
+        if self.replica is not None:
+            try:
+                self.replica.leave()
+            except Exception as e:  # the others take its segments when its lease runs out
+                log.warning("%s: could not free the segments of replica %s: %s", self.service.name,
+                            self.replica.id, e)
         for pool in (self._pool, self._io_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -250,6 +279,8 @@ class Processor(Parking, Timers):
         return env.type in OPERATOR_COMMANDS and self._relevant(env)
 
     def _relevant(self, env: Envelope) -> bool:
+        if self.replica is not None and not self.replica.owns(env.saga_id):
+            return False  # another replica's saga
         if env.type in SAGA_ENDS and env.service == self.service.name:
             return False  # its own end of a saga: it cancelled its deadlines when it ended the saga
         if (
@@ -270,6 +301,41 @@ class Processor(Parking, Timers):
         except (ValueError, AttributeError):
             return None
         return target if isinstance(target, str) else None
+
+    # -- replicas (choreo.replicas) ------------------------------------------------------
+    def _replica_of(self, settings: ReplicaSettings | None) -> Replica | None:
+        """This process's replica of the service: as asked, or because its work is split already."""
+        splits = isinstance(self.store, LogStore) and self.own.supports_claims
+        if settings is None and splits:
+            segments = self.own.segments()
+            if segments:  # replicas split it already: doing it all alongside them would do work twice
+                settings = ReplicaSettings(segments=segments)
+        if settings is None:
+            return None
+        if not splits:
+            raise WiringError(f"{self.service.name}: the store {self.store.url} cannot split a service's work "
+                              "among replicas (on Kafka, a service's processes share the partitions instead)")
+        replica = Replica(self.own, settings)
+        replica.tick()
+        self._held = replica.held()
+        return replica
+
+    def _mine(self, saga_id: str) -> bool:
+        """Whether this process handles the saga (always, unless it is one replica of several)."""
+        return self.replica is None or self.replica.owns(saga_id)
+
+    def _feed_tracking(self) -> Tracking:
+        """Where a replica's feed starts: the least position of the segments it holds."""
+        assert self.replica is not None
+        return {LOG: self.replica.start(LOG, self.own.tracking())}
+
+    def _reached(self, done: Sequence[Envelope]) -> Tracking:
+        """The tracking that committing `done` reaches (a replica: each segment it holds)."""
+        if self.replica is None:
+            return advance(done)
+        if not done:
+            return {}
+        return self.replica.reached(done[-1].source, done[-1].position or 0, self.tracking)
 
     # -- a batch -----------------------------------------------------------------------
     async def _process(self, batch: Sequence[Envelope]) -> None:
@@ -381,13 +447,18 @@ class Processor(Parking, Timers):
         parked: Sequence[DeadLetter] = (),
         updated: Sequence[DeadLetter] = (),
     ) -> None:
-        reached = advance(done)
+        reached = self._reached(done)
         handled = [e.event_id for e in done if self._relevant(e)]
         events, letters = uow.stored_events(), [*uow.resolved, *updated]
+        claim: dict[str, Any] = {}
+        if self.replica is not None:
+            claim = {"claim": self._held}
+            if self.replica.due():  # a long batch: keep the lease while it runs
+                await self._io(self.replica.renew)
         try:
             await self._io(lambda: self.own.commit(
                 events=events, emitted=uow.emitted, tracking=reached, parked=parked,
-                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines,
+                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines, **claim,
             ))
         except BaseException:
             uow.discard()

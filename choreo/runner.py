@@ -258,6 +258,9 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
         if processor is None:
             return
         log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
+        if processor.replica is not None:
+            log.info("%s: replica %s holds %d of %d segments", service.name, processor.replica.id,
+                     len(processor.replica.tokens), processor.replica.segments)
         started = time.monotonic()
         try:
             run_processor(processor, stop)
