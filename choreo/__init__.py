@@ -9,6 +9,7 @@ from choreo.errors import (
     AggregateExists,
     AggregateNotFound,
     ChoreoError,
+    ClaimLost,
     CommandRefused,
     ConcurrencyConflict,
     DeadLetterNotFound,
@@ -18,6 +19,7 @@ from choreo.errors import (
     EventValidationError,
     LogRewound,
     SagaNotFound,
+    SegmentsMismatch,
     StepFailed,
     StoreCorrupt,
     StoreError,
@@ -31,6 +33,7 @@ from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
 from choreo.stores.memory import InMemoryStore
 from choreo.operations import CompensationForced
 from choreo.processor import Processor
+from choreo.replicas import ReplicaSettings, segment_of
 from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import AsyncRunner, Runner, run_service
@@ -49,6 +52,7 @@ __all__ = [
     "AggregateExists",
     "AggregateNotFound",
     "ChoreoError",
+    "ClaimLost",
     "Clock",
     "CommandRefused",
     "CompensationForced",
@@ -71,6 +75,7 @@ __all__ = [
     "ManualClock",
     "Outcome",
     "Processor",
+    "ReplicaSettings",
     "RetryPolicy",
     "Runner",
     "SagaCompleted",
@@ -79,6 +84,7 @@ __all__ = [
     "SagaFilter",
     "SagaNotFound",
     "SagaProjection",
+    "SegmentsMismatch",
     "Service",
     "ServiceStore",
     "StepCompensated",
@@ -97,5 +103,6 @@ __all__ = [
     "load_aggregate",
     "open_store",
     "run_service",
+    "segment_of",
     "use_clock",
 ]

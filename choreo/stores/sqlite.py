@@ -379,6 +379,24 @@ class _Cursor:
             if self.c.fetchone() is None:
                 raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
 
+    def track_segments(self, table: str, tracking: Mapping[str, int], owner: str) -> None:
+        """`track()` for a replica, which moves many segments' positions to one position: one UPDATE each."""
+        at: dict[int, list[str]] = {}
+        for source, position in tracking.items():
+            at.setdefault(position, []).append(source)
+        for position, sources in at.items():
+            marks = ",".join("?" * len(sources))
+            self.c.execute(f"UPDATE {table} SET position = ? WHERE source IN ({marks}) AND position < ?",
+                           (position, *sources, position))
+            moved = self.c.rowcount
+            if moved == len(sources):
+                continue
+            present = {r[0] for r in self.c.execute(f"SELECT source FROM {table} WHERE source IN ({marks})", sources)}
+            absent = [s for s in sources if s not in present]
+            if moved + len(absent) != len(sources):
+                raise ConcurrencyConflict(f"{owner} already processed a segment of the log past position {position}")
+            self.c.executemany(f"INSERT INTO {table} VALUES (?, ?)", [(s, position) for s in absent])
+
     def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
         """Append to the log; return the positions (consecutive: the transaction holds the write lock)."""
         if not envelopes:
@@ -588,7 +606,10 @@ class _SQLiteServiceStore(ServiceStore):
                 self._deadlines_of(c, status, list(run))
             if handled and self.store.dedupe:
                 c.c.executemany(f"INSERT INTO {self._handled} VALUES (?)", [(i,) for i in handled])
-            c.track(self._tracking, tracking, self.name)
+            if claim is not None:
+                c.track_segments(self._tracking, tracking, self.name)
+            else:
+                c.track(self._tracking, tracking, self.name)
 
     def _deadlines_of(self, c: _Cursor, status: str, timers: list[Deadline]) -> None:
         rows = [(t.id, t.name, t.saga_id, t.due_at.astimezone(timezone.utc).isoformat(), t.status, t.cause_event_id,
