@@ -257,10 +257,11 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
         processor = _start(service, store, stop, options)
         if processor is None:
             return
-        log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
-        if processor.replica is not None:
-            log.info("%s: replica %s holds %d of %d segments", service.name, processor.replica.id,
-                     len(processor.replica.tokens), processor.replica.segments)
+        if processor.replica is None:
+            log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
+        else:
+            log.info("%s: replica %s running on %s, holding %d of %d segments", service.name, processor.replica.id,
+                     store.url, len(processor.replica.tokens), processor.replica.segments)
         started = time.monotonic()
         try:
             run_processor(processor, stop)
