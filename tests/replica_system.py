@@ -6,12 +6,14 @@ that names the process (and, in one process, the replica) that handled it.
 A saga is a run of pings numbered 0, 1, 2...: its pongs, read in log order, show whether
 one replica handled the saga, in order, each ping once. A ping with `flaky` fails with a
 `TimeoutError` on its first attempt in a process, so it is retried later (a dead letter
-`retrying` of its saga).
+`retrying` of its saga). With `$ECHO_DELAY` (seconds), each answer first waits that long,
+as a handler that calls another system does (the replica benchmark).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from uuid import uuid4
 
@@ -29,6 +31,7 @@ current_replica = ""
 #: (replica, saga id, n) of every ping handled in this process, attempts that failed included
 handled: list[tuple[str, str, int]] = []
 _failed_once: set[tuple[str, int]] = set()
+_DELAY = float(os.environ.get("ECHO_DELAY", "0"))
 #: called with the saga id before each ping is handled (a test's way into the middle of a batch)
 before_handling: Callable[[str], None] | None = None
 
@@ -51,6 +54,8 @@ def pong(event: Ping, ctx: Context) -> Pong:
     handled.append((current_replica, saga_id, event.n))
     if before_handling is not None:
         before_handling(saga_id)
+    if _DELAY:
+        time.sleep(_DELAY)
     if event.flaky and (saga_id, event.n) not in _failed_once:
         _failed_once.add((saga_id, event.n))
         raise TimeoutError(f"ping {event.n} of {saga_id} times out once")
