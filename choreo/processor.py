@@ -155,8 +155,9 @@ class Processor(Parking, Timers):
             log.warning("%s: %s; going on with the segments it still holds", self.service.name, e)
             self._stale = True
             self.replica.expire()  # type: ignore[union-attr]
-        except ConcurrencyConflict as e:
-            log.warning("%s: %s; reloading and retrying the batch", self.service.name, e)
+        except ConcurrencyConflict as e:  # expected now and then when replicas write one aggregate
+            log.log(logging.INFO if self.replica and self.replica.shared else logging.WARNING,
+                    "%s: %s; reloading and retrying the batch", self.service.name, e)
             self._stale = True
         except Exception as e:
             self._stale = True
