@@ -107,6 +107,7 @@ class Replica:
         #: whether other replicas were alive at the last tick (then shared aggregates may change under us)
         self.shared = False
         self._next = 0.0  # when the next tick is due (monotonic clock)
+        self._ticked = False  # the first tick's segments are told by the service's start line
         own.claims(self.segments)  # records the layout, or raises SegmentsMismatch
 
     def owns(self, saga_id: str) -> bool:
@@ -153,10 +154,11 @@ class Replica:
         before = self.tokens
         self.tokens = self.own.acquire(self.id, keep + take, self.lease, release=release, dead=dead)
         self.shared = len(alive) > 1
-        if self.tokens != before:
+        if self.tokens != before and self._ticked:  # (the first is in the service's start line)
             log.info("%s: replica %s holds %d of %d segments (%d replicas alive)%s", self.own.name, self.id,
                      len(self.tokens), self.segments, len(alive),
                      f"; took over from {', '.join(dead)}" if dead else "")
+        self._ticked = True
         return self.tokens != before
 
     def renew(self) -> None:

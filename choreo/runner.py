@@ -260,8 +260,9 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
         if processor.replica is None:
             log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
         else:
-            log.info("%s: replica %s running on %s, holding %d of %d segments", service.name, processor.replica.id,
-                     store.url, len(processor.replica.tokens), processor.replica.segments)
+            r = processor.replica
+            log.info("%s: running from its segments' positions on %s as replica %s, holding %d of %d segments",
+                     service.name, store.url, r.id, len(r.tokens), r.segments)
         started = time.monotonic()
         try:
             run_processor(processor, stop)
