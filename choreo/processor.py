@@ -321,6 +321,19 @@ class Processor(Parking, Timers):
         self._held = replica.held()
         return replica
 
+    async def _keep_claims(self) -> None:
+        """Renew this replica's claims if it is time, in the middle of a long batch too.
+
+        A failure here is only logged: it is not the handler's, and the commit's own check
+        of the claims is what keeps a replica that lost one from writing.
+        """
+        if self.replica is not None and self.replica.due():
+            try:
+                await self._io(self.replica.renew)
+            except Exception as e:
+                log.warning("%s: could not renew the claims of replica %s: %s: %s", self.service.name,
+                            self.replica.id, type(e).__name__, e)
+
     def _mine(self, saga_id: str) -> bool:
         """Whether this process handles the saga (always, unless it is one replica of several)."""
         return self.replica is None or self.replica.owns(saga_id)
@@ -454,8 +467,7 @@ class Processor(Parking, Timers):
         claim: dict[str, Any] = {}
         if self.replica is not None:
             claim = {"claim": self._held}
-            if self.replica.due():  # a long batch: keep the lease while it runs
-                await self._io(self.replica.renew)
+            await self._keep_claims()
         try:
             await self._io(lambda: self.own.commit(
                 events=events, emitted=uow.emitted, tracking=reached, parked=parked,
@@ -475,6 +487,8 @@ class Processor(Parking, Timers):
     async def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
         if not self._relevant(env):
             return
+        if self.replica is not None:
+            await self._keep_claims()  # a batch may outlast the lease: its handlers take time
         if env.malformed is not None:
             raise Park(f"malformed record: {env.malformed}", env.payload)
         if not env.saga_id:

@@ -108,6 +108,7 @@ class Replica:
         self.shared = False
         self._next = 0.0  # when the next tick is due (monotonic clock)
         self._ticked = False  # the first tick's segments are told by the service's start line
+        self._changed = False  # a renewal found the held segments changed (see tick_if_due)
         own.claims(self.segments)  # records the layout, or raises SegmentsMismatch
 
     def owns(self, saga_id: str) -> bool:
@@ -131,8 +132,11 @@ class Replica:
         self._next = 0.0
 
     def tick_if_due(self) -> bool:
-        """Renew and rebalance if it is time; return whether the held segments (or tokens) changed."""
-        return self.tick() if self.due() else False
+        """Renew and rebalance if it is time; return whether the held segments (or tokens) changed
+        since the last call (a renewal in the middle of a batch may have found one lost)."""
+        changed = self.tick() if self.due() else False
+        changed, self._changed = changed or self._changed, False
+        return changed
 
     def tick(self) -> bool:
         """Renew this replica's claims, release down to its fair share, take free or expired segments.
@@ -164,7 +168,11 @@ class Replica:
     def renew(self) -> None:
         """Renew the claims held, taking and releasing nothing (in the middle of a batch)."""
         self._next = time.monotonic() + self.lease / 3
-        self.tokens = self.own.acquire(self.id, list(self.tokens), self.lease)
+        before, self.tokens = self.tokens, self.own.acquire(self.id, list(self.tokens), self.lease)
+        if self.tokens != before:  # lost (or lost and taken back): the processor must read its state again
+            self._changed = True
+            log.info("%s: replica %s holds %d of %d segments (found at a renewal)", self.own.name, self.id,
+                     len(self.tokens), self.segments)
 
     def leave(self) -> None:
         """Free every segment at once, so that the others take them without waiting for the lease."""

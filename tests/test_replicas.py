@@ -217,3 +217,24 @@ def test_the_example_with_two_replicas_of_each_step_service_ends_every_saga_as_p
     assert all(check_invariants(store, facts).values())
     for saga_id, _, state, cause in planned:
         assert (facts[saga_id].state, facts[saga_id].cause) == (state, cause)
+
+
+def test_a_batch_that_outlasts_the_lease_keeps_its_claims(store: EventStore, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = replica(store, lease=0.3), replica(store, lease=0.3)
+    balance(a, b)
+    sagas = [f"saga-{i}" for i in range(30)]
+    store.append([rs.ping(s, 0) for s in sagas])
+
+    def slow(saga_id: str) -> None:  # each ping takes a while; meanwhile b looks for expired segments
+        time.sleep(0.04)
+        assert b.replica is not None
+        b.replica.tick()
+
+    rs.before_handling = slow
+    caplog.set_level(logging.INFO, "choreo")
+    assert a.replica is not None
+    rs.current_replica = a.replica.id
+    a.poll()  # about 15 pings of 40 ms: twice the lease
+    assert "no longer holds" not in caplog.text and len(a.replica.tokens) == 4
+    got = rs.pongs(store)
+    assert set(got) == {s for s in sagas if a.replica.owns(s)}
