@@ -208,3 +208,32 @@ def test_1000_sagas_3_replicas_of_payment_and_inventory_one_of_each_killed_mid_r
     for saga_id, _, state, cause in planned:  # 0 lost: every saga ended as planned
         assert (facts[saga_id].state, facts[saga_id].cause) == (state, cause), saga_id
     store.close()
+
+
+def test_a_replica_paused_past_its_lease_cannot_commit_its_batch_when_it_resumes(cluster: Cluster) -> None:
+    """SIGSTOP a replica in the middle of a slow batch: the other takes its segments once the lease
+    ends; at SIGCONT its commit is refused (ClaimLost, nothing written) and each ping is answered once."""
+    os.environ["ECHO_DELAY"] = "0.02"  # each answer waits 20 ms: a batch takes a while
+    try:
+        a = cluster.spawn(ECHO, "--lease", "1", "--wait-lease")
+        wait_for("a holds every segment", balanced(cluster, "echo", 1, rs.SEGMENTS), 20, cluster)
+        store = open_store(cluster.url)
+        store.append([rs.ping(f"s{i}", 0) for i in range(150)])
+        wait_for("a answers", lambda: cluster.count(("Pong",)) > 0, 30, cluster)
+        store.append([rs.ping(f"s{i}", 1) for i in range(150)])
+        time.sleep(0.2)  # a is in the middle of handling the second wave
+        os.kill(a.pid, signal.SIGSTOP)
+        b = cluster.spawn(ECHO, "--lease", "1", "--wait-lease")
+        took = wait_for("b takes every segment", lambda: all(
+            o and f":{b.pid}#" in o for o in cluster.owners("echo").values()), 30, cluster)
+        print(f"\na paused: b took its segments {took:.2f}s after it started (lease 1s)")
+        os.kill(a.pid, signal.SIGCONT)
+        wait_for("every ping is answered", lambda: cluster.count(("Pong",)) >= 300, 60, cluster)
+        time.sleep(1.5)  # a's refused commit, and anything it might wrongly write, has happened by now
+        assert cluster.stop() == [0, 0]
+    finally:
+        del os.environ["ECHO_DELAY"]
+    got = rs.pongs(store)
+    assert all([p.n for p in got[f"s{i}"]] == [0, 1] for i in range(150))  # each ping once, in order
+    assert "no longer holds segment(s)" in cluster.logs()  # a's stale commit was refused
+    store.close()
