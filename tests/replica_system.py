@@ -13,6 +13,7 @@ as a handler that calls another system does (the replica benchmark).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 import time
 from collections.abc import Callable
 from uuid import uuid4
@@ -78,3 +79,18 @@ def pongs(store: EventStore) -> dict[str, list[Pong]]:
             if env.type == Pong.event_type:
                 out.setdefault(env.saga_id, []).append(env.decode())  # type: ignore[arg-type]
     return out
+
+
+#: a service with a deadline per saga: 5 s (choreo's clock) after a saga's first ping, `Late`
+timer = Service("timer", segments=SEGMENTS)
+
+
+class Late(Event):
+    replica: str
+
+
+@timer.deadline("late", start_on=Ping, after=timedelta(seconds=5), fails_saga=False)
+def late(event: Ping, ctx: Context) -> Late:
+    """Say that the saga is late (naming the replica that fired the deadline)."""
+    handled.append((current_replica, ctx.saga_id, -1))
+    return Late(replica=current_replica)

@@ -12,7 +12,7 @@ import pytest
 
 import tests.replica_system as rs
 from choreo import (
-    ClaimLost, EventStore, InMemoryStore, Processor, ReplicaSettings, SegmentsMismatch, Service, WiringError,
+    ClaimLost, ManualClock, use_clock, EventStore, InMemoryStore, Processor, ReplicaSettings, SegmentsMismatch, Service, WiringError,
     open_store, segment_of,
 )
 from choreo.processor import wait_for_retries
@@ -238,3 +238,21 @@ def test_a_batch_that_outlasts_the_lease_keeps_its_claims(store: EventStore, cap
     assert "no longer holds" not in caplog.text and len(a.replica.tokens) == 4
     got = rs.pongs(store)
     assert set(got) == {s for s in sagas if a.replica.owns(s)}
+
+
+def test_each_deadline_fires_once_in_the_replica_that_holds_its_saga(store: EventStore) -> None:
+    manual = ManualClock()
+    previous = use_clock(manual)
+    try:
+        a, b = replica(store, service=rs.timer), replica(store, service=rs.timer)
+        balance(a, b)
+        sagas = [f"saga-{i}" for i in range(30)]
+        store.append([rs.ping(s, 0) for s in sagas])
+        run(a, b)
+        manual.advance(10)
+        run(a, b)
+    finally:
+        use_clock(previous)
+    owner = {s: (a if a.replica.owns(s) else b).replica.id for s in sagas}  # type: ignore[union-attr]
+    fired = [(r, s) for r, s, n in rs.handled if n == -1]
+    assert sorted(fired) == sorted((owner[s], s) for s in sagas)  # each once, by its saga's replica
