@@ -15,6 +15,7 @@ from choreo import (
     ClaimLost, ManualClock, use_clock, EventStore, InMemoryStore, Processor, ReplicaSettings, SegmentsMismatch, Service, WiringError,
     open_store, segment_of,
 )
+from choreo.cli import main
 from choreo.processor import wait_for_retries
 from choreo.store import Held
 from services import system
@@ -256,3 +257,12 @@ def test_each_deadline_fires_once_in_the_replica_that_holds_its_saga(store: Even
     owner = {s: (a if a.replica.owns(s) else b).replica.id for s in sagas}  # type: ignore[union-attr]
     fired = [(r, s) for r, s, n in rs.handled if n == -1]
     assert sorted(fired) == sorted((owner[s], s) for s in sagas)  # each once, by its saga's replica
+
+
+def test_choreo_run_with_another_number_of_segments_is_refused_naming_both(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/run.db"
+    with open_store(url) as split:
+        split.service("echo").claims(8)
+    assert main(["run", "tests.replica_system:echo", "--store", url, "--segments", "4"]) == 2
+    assert "split into 8 segments, but this replica was started with 4" in capsys.readouterr().err
