@@ -50,7 +50,7 @@ from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
 from choreo.store import (
-    HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, LogStore, ServiceStore, Tracking, advance,
+    FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, LogStore, ServiceStore, Tracking, advance,
 )
 
 log = logging.getLogger("choreo")
@@ -114,7 +114,7 @@ class Processor(Parking, Timers):
         self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
-        self.feed = store.feed(service.name, self._feed_tracking if self.replica else self.own.tracking, interest=Interest(
+        self.feed = store.feed(service.name, self._feed_tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
         ))
@@ -194,6 +194,9 @@ class Processor(Parking, Timers):
         """Forget what the failed batch did and continue after the committed tracking."""
         self.cache.clear()
         self.tracking = self.own.tracking()
+        if self.replica is None and self.tracking.get(LOG) == FENCE:  # replicas split the service meanwhile
+            log.warning("%s: replicas now split this service's work: this process joins them", self.service.name)
+            self.replica = self._replica_of(None)
         letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING and self._mine(d.saga_id)]
         self.held = {d.saga_id for d in letters}
         self.next_retry_at = min((d.due_at for d in letters if d.status == RETRYING and d.due_at), default=None)
@@ -339,8 +342,9 @@ class Processor(Parking, Timers):
         return self.replica is None or self.replica.owns(saga_id)
 
     def _feed_tracking(self) -> Tracking:
-        """Where a replica's feed starts: the least position of the segments it holds."""
-        assert self.replica is not None
+        """Where the feed starts: the tracking (a replica: the least position of the segments it holds)."""
+        if self.replica is None:
+            return self.own.tracking()
         return {LOG: self.replica.start(LOG, self.own.tracking())}
 
     def _reached(self, done: Sequence[Envelope]) -> Tracking:

@@ -106,6 +106,11 @@ def advance_rows(rows: Sequence[Row]) -> Tracking:
     return {row[11]: row[0] or 0 for row in rows}
 
 
+#: Where a split service's whole-service tracking keys are fenced: a processor still running the
+#: service whole cannot move past it (its commit fails, it reloads and joins as a replica).
+FENCE = 2**62
+
+
 def segment_source(source: str, segment: int) -> str:
     """The tracking key of one segment of a source: "log#3" (a service split among replicas)."""
     return f"{source}#{segment}"
@@ -242,10 +247,12 @@ class ServiceStore(ABC):
     def claims(self, segments: int) -> ClaimState:
         """Return every segment's claim, the live replicas and the store's clock, read together.
 
-        The first call records the layout: `segments` free segments (token 0), each
-        starting its tracking where the service's whole tracking was (its source keys
-        become `segment_source(source, s)` keys), in one transaction. `SegmentsMismatch`
-        if the service is already split into another number of segments.
+        The first call records the layout, in one transaction: `segments` free segments
+        (token 0), each starting its tracking where the service's whole tracking was (for
+        each whole-service key `source` without "#", or `LOG` at 0 if there is none,
+        `segment_source(source, s)` keys at its position), and those whole-service keys set
+        to `FENCE`. `SegmentsMismatch` if the
+        service is already split into another number of segments.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot split a service among replicas")
 

@@ -117,7 +117,7 @@ def test_two_replicas_split_the_sagas_each_saga_handled_by_its_owner_in_order(st
     assert all(r == owner[s] for r, s, _ in rs.handled)  # retries too: only the saga's replica ran it
     assert sum(1 for _, s, n in rs.handled if n == 1 and sagas.index(s) % 5 == 0) == 16  # 8 flaky, twice each
     tracking = store.service("echo").tracking()
-    assert set(tracking) == {f"log#{i}" for i in range(8)}
+    assert set(tracking) == {"log", *(f"log#{i}" for i in range(8))}
 
 
 def test_a_replica_that_lost_its_claim_mid_batch_commits_nothing_and_the_new_owner_does_it_once(
@@ -266,3 +266,21 @@ def test_choreo_run_with_another_number_of_segments_is_refused_naming_both(
         split.service("echo").claims(8)
     assert main(["run", "tests.replica_system:echo", "--store", url, "--segments", "4"]) == 2
     assert "split into 8 segments, but this replica was started with 4" in capsys.readouterr().err
+
+
+def test_a_processor_running_the_service_whole_joins_the_replicas_that_split_it_meanwhile(
+        store: EventStore, caplog: pytest.LogCaptureFixture) -> None:
+    whole = Processor(rs.echo, store)
+    assert whole.replica is None
+    store.append([rs.ping(f"s{i}", 0) for i in range(10)])
+    run(whole)
+    b = replica(store)  # replicas start while `whole` runs
+    store.append([rs.ping(f"s{i}", 1) for i in range(10)])
+    caplog.set_level(logging.WARNING, "choreo")
+    run(whole, b)  # whole's commit meets the fence, it reloads and joins
+    assert whole.replica is not None and "this process joins them" in caplog.text
+    balance(whole, b)
+    store.append([rs.ping(f"s{i}", 2) for i in range(10)])
+    run(whole, b)
+    got = rs.pongs(store)
+    assert all([p.n for p in got[f"s{i}"]] == [0, 1, 2] for i in range(10))  # nothing handled twice

@@ -24,7 +24,7 @@ from choreo.errors import ConcurrencyConflict, EventIdTaken
 from choreo.events import Envelope
 from choreo.store import (
     Claim, ClaimState, DeadLetter, DocumentStore, Held, Interest, LogStore, ServiceStore, Tracking, check_service_name,
-    claim_lost, segment_source, segments_mismatch,
+    FENCE, LOG, claim_lost, segment_source, segments_mismatch,
 )
 
 
@@ -165,10 +165,10 @@ class _InMemoryServiceStore(ServiceStore):
         with self.store._changed:
             if not self._claims:
                 self._claims = {s: Claim(s, None, 0, 0.0) for s in range(segments)}
-                whole = {k: v for k, v in self._tracking.items() if "#" not in k}
-                self._tracking = {k: v for k, v in self._tracking.items() if k not in whole}
+                whole = {k: v for k, v in self._tracking.items() if "#" not in k} or {LOG: 0}
                 for source, position in whole.items():
                     self._tracking.update({segment_source(source, s): position for s in range(segments)})
+                    self._tracking[source] = FENCE
             elif len(self._claims) != segments:
                 raise segments_mismatch(self.name, len(self._claims), segments)
             now = time.monotonic()

@@ -58,7 +58,7 @@ from choreo.errors import (
 from choreo.events import Envelope
 from choreo.store import (
     Claim, ClaimState, DeadLetter, DocumentStore, Held, Interest, LogStore, Row, ServiceStore, Tracking,
-    check_service_name, claim_lost, segment_source, segments_mismatch,
+    FENCE, LOG, check_service_name, claim_lost, segment_source, segments_mismatch,
 )
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -443,10 +443,11 @@ class _SQLiteServiceStore(ServiceStore):
                     c.c.executemany(f"INSERT INTO {self._claims} VALUES (?, NULL, 0, 0)",
                                     [(s,) for s in range(segments)])
                     whole = [r for r in c.c.execute(f"SELECT source, position FROM {self._tracking}")
-                             if "#" not in r[0]]
+                             if "#" not in r[0]] or [(LOG, 0)]
                     c.c.executemany(f"INSERT INTO {self._tracking} VALUES (?, ?)",
                                     [(segment_source(src, s), pos) for src, pos in whole for s in range(segments)])
-                    c.c.execute(f"DELETE FROM {self._tracking} WHERE instr(source, '#') = 0")
+                    c.c.executemany(f"INSERT INTO {self._tracking} VALUES (?, ?) ON CONFLICT (source) DO UPDATE "
+                                    "SET position = excluded.position", [(src, FENCE) for src, _ in whole])
             rows = self._claim_rows()
         if len(rows) != segments:
             raise segments_mismatch(self.name, len(rows), segments)
