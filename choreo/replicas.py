@@ -14,7 +14,6 @@ The processor uses this through `Replica`; docs/replicas.md explains the whole.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import socket
@@ -139,7 +138,7 @@ class Replica:
         return changed
 
     def tick(self) -> bool:
-        """Renew this replica's claims, release down to its fair share, take free or expired segments.
+        """Renew this replica's claims, release down to its fair share, take free or expired segments up to it.
 
         Returns whether the segments it holds (or their tokens) changed.
         """
@@ -147,8 +146,10 @@ class Replica:
         state = self.own.claims(self.segments)
         others = {c.owner for c in state.claims if c.owner} | set(state.replicas)
         dead = sorted(o for o in others - {self.id} if died_here(o)) if self.settings.reap_local else []
-        alive = (set(state.replicas) - set(dead)) | {self.id}
-        fair = math.ceil(self.segments / len(alive))
+        alive = sorted((set(state.replicas) - set(dead)) | {self.id})
+        # a fair share: N // k each, one more for the first N % k replicas by id (the shares add up to N)
+        base, extra = divmod(self.segments, len(alive))
+        fair = base + (alive.index(self.id) < extra)
         mine = [c.segment for c in state.claims if c.owner == self.id]
         free = [c.segment for c in state.claims
                 if c.owner != self.id and (c.owner is None or c.expires_at < state.now or c.owner in dead)]

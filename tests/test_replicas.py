@@ -17,6 +17,7 @@ from choreo import (
 )
 from choreo.cli import main
 from choreo.processor import wait_for_retries
+from choreo.replicas import Replica
 from choreo.store import Held
 from services import system
 from services.checks import check_invariants, read_facts
@@ -284,3 +285,13 @@ def test_a_processor_running_the_service_whole_joins_the_replicas_that_split_it_
     run(whole, b)
     got = rs.pongs(store)
     assert all([p.n for p in got[f"s{i}"]] == [0, 1, 2] for i in range(10))  # nothing handled twice
+
+
+def test_shares_add_up_to_every_segment_and_leave_no_replica_idle() -> None:
+    own = InMemoryStore().service("echo")
+    replicas = [Replica(own, ReplicaSettings(segments=16)) for _ in range(5)]
+    for _ in range(3):  # release, then take, then settle
+        for r in replicas:
+            r.tick()
+    assert sorted(len(r.tokens) for r in replicas) == [3, 3, 3, 3, 4]
+    assert sorted(s for r in replicas for s in r.tokens) == list(range(16))
