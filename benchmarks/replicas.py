@@ -98,7 +98,7 @@ def main() -> None:
     for k in (1, 2, 3):
         rate = _run([("tests.replica_system:echo", k)], ["echo"],
                     lambda store: store.append([rs.ping(f"s{i}", 0) for i in range(pings)]),
-                    ("Pong",), pings, {**env, "ECHO_DELAY": "0.01"})
+                    ("EchoPong",), pings, {**env, "ECHO_DELAY": "0.01"})
         print(f"echo waiting 10 ms per ping, {k} replica(s): {rate:.0f} answers/s")
 
 

@@ -1,4 +1,4 @@
-"""A tiny service for the replica tests: `echo` answers each `Ping` of a saga with a `Pong`
+"""A tiny service for the replica tests: `echo` answers each `EchoPing` of a saga with a `EchoPong`
 that names the process (and, in one process, the replica) that handled it.
 
     python -m choreo run tests.replica_system:echo --store sqlite:///x.db --lease 1
@@ -37,19 +37,19 @@ _DELAY = float(os.environ.get("ECHO_DELAY", "0"))
 before_handling: Callable[[str], None] | None = None
 
 
-class Ping(Event):
+class EchoPing(Event):
     n: int
     flaky: bool = False
 
 
-class Pong(Event):
+class EchoPong(Event):
     n: int
     pid: int
     replica: str
 
 
-@echo.on(Ping)
-def pong(event: Ping, ctx: Context) -> Pong:
+@echo.on(EchoPing)
+def pong(event: EchoPing, ctx: Context) -> EchoPong:
     """Answer a ping (a flaky one fails its first attempt in this process)."""
     saga_id = ctx.saga_id
     handled.append((current_replica, saga_id, event.n))
@@ -60,37 +60,37 @@ def pong(event: Ping, ctx: Context) -> Pong:
     if event.flaky and (saga_id, event.n) not in _failed_once:
         _failed_once.add((saga_id, event.n))
         raise TimeoutError(f"ping {event.n} of {saga_id} times out once")
-    return Pong(n=event.n, pid=os.getpid(), replica=current_replica)
+    return EchoPong(n=event.n, pid=os.getpid(), replica=current_replica)
 
 
 def ping(saga_id: str, n: int, *, flaky: bool = False) -> Envelope:
     """The envelope of ping `n` of a saga, to append to the log."""
-    event = Ping(n=n, flaky=flaky)
+    event = EchoPing(n=n, flaky=flaky)
     return Envelope(event_id=str(uuid4()), type=event.event_type, version=event.schema_version, saga_id=saga_id,
                     causation_id=None, service="driver", step=None, outcome=None, occurred_at=clock.now(),
                     payload=encode_payload(event))
 
 
-def pongs(store: EventStore) -> dict[str, list[Pong]]:
+def pongs(store: EventStore) -> dict[str, list[EchoPong]]:
     """Every saga's pongs, in log order."""
-    out: dict[str, list[Pong]] = {}
+    out: dict[str, list[EchoPong]] = {}
     for batch in store.scan():
         for env in batch:
-            if env.type == Pong.event_type:
+            if env.type == EchoPong.event_type:
                 out.setdefault(env.saga_id, []).append(env.decode())  # type: ignore[arg-type]
     return out
 
 
-#: a service with a deadline per saga: 5 s (choreo's clock) after a saga's first ping, `Late`
+#: a service with a deadline per saga: 5 s (choreo's clock) after a saga's first ping, `EchoLate`
 timer = Service("timer", segments=SEGMENTS)
 
 
-class Late(Event):
+class EchoLate(Event):
     replica: str
 
 
-@timer.deadline("late", start_on=Ping, after=timedelta(seconds=5), fails_saga=False)
-def late(event: Ping, ctx: Context) -> Late:
+@timer.deadline("late", start_on=EchoPing, after=timedelta(seconds=5), fails_saga=False)
+def late(event: EchoPing, ctx: Context) -> EchoLate:
     """Say that the saga is late (naming the replica that fired the deadline)."""
     handled.append((current_replica, ctx.saga_id, -1))
-    return Late(replica=current_replica)
+    return EchoLate(replica=current_replica)

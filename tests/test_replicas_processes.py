@@ -121,7 +121,7 @@ def test_replicas_started_one_by_one_rebalance_and_split_the_sagas_each_in_order
     sagas = [f"saga-{i}" for i in range(120)]
     for n in range(5):  # the sagas' pings interleaved in the log
         store.append([rs.ping(s, n) for s in sagas])
-    wait_for("every ping is answered", lambda: cluster.count(("Pong",)) >= 5 * len(sagas), 60, cluster)
+    wait_for("every ping is answered", lambda: cluster.count(("EchoPong",)) >= 5 * len(sagas), 60, cluster)
     assert cluster.stop() == [0] * replicas  # SIGTERM: each finishes its batch and frees its segments
     got = rs.pongs(store)
     for s in sagas:
@@ -145,7 +145,7 @@ def test_a_replica_killed_on_this_host_is_taken_over_before_its_lease_ends(clust
     assert took < 6  # b saw a's process gone: it did not wait for the lease
     store = open_store(cluster.url)
     store.append([rs.ping(f"s{i}", 0) for i in range(40)])
-    wait_for("every ping is answered", lambda: cluster.count(("Pong",)) >= 40, 30, cluster)
+    wait_for("every ping is answered", lambda: cluster.count(("EchoPong",)) >= 40, 30, cluster)
     store.close()
 
 
@@ -219,7 +219,7 @@ def test_a_replica_paused_past_its_lease_cannot_commit_its_batch_when_it_resumes
         wait_for("a holds every segment", balanced(cluster, "echo", 1, rs.SEGMENTS), 20, cluster)
         store = open_store(cluster.url)
         store.append([rs.ping(f"s{i}", 0) for i in range(150)])
-        wait_for("a answers", lambda: cluster.count(("Pong",)) > 0, 30, cluster)
+        wait_for("a answers", lambda: cluster.count(("EchoPong",)) > 0, 30, cluster)
         store.append([rs.ping(f"s{i}", 1) for i in range(150)])
         time.sleep(0.2)  # a is in the middle of handling the second wave
         os.kill(a.pid, signal.SIGSTOP)
@@ -228,7 +228,7 @@ def test_a_replica_paused_past_its_lease_cannot_commit_its_batch_when_it_resumes
             o and f":{b.pid}#" in o for o in cluster.owners("echo").values()), 30, cluster)
         print(f"\na paused: b took its segments {took:.2f}s after it started (lease 1s)")
         os.kill(a.pid, signal.SIGCONT)
-        wait_for("every ping is answered", lambda: cluster.count(("Pong",)) >= 300, 60, cluster)
+        wait_for("every ping is answered", lambda: cluster.count(("EchoPong",)) >= 300, 60, cluster)
         time.sleep(1.5)  # a's refused commit, and anything it might wrongly write, has happened by now
         assert cluster.stop() == [0, 0]
     finally:
