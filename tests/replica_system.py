@@ -1,4 +1,4 @@
-"""A tiny service for the replica tests: `echo` answers each `EchoPing` of a saga with a `EchoPong`
+"""A tiny service for the replica tests: `echo` answers each `EchoPing` of a saga with an `EchoPong`
 that names the process (and, in one process, the replica) that handled it.
 
     python -m choreo run tests.replica_system:echo --store sqlite:///x.db --lease 1
