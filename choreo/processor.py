@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from choreo import clock
 from choreo._parking import Park, Parking, as_events, call, envelope_of
+from choreo._replicated import Replicated
 from choreo._participation import Participation, completion, participation_id
 from choreo._saga_end import observe, verdict
 from choreo._timers import Timers
@@ -45,13 +46,11 @@ from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
 from choreo.operations import (
     OPERATOR_COMMANDS, CompensationForced, CompensationRefused, CompensationRequested, DeadLetterResolved,
 )
-from choreo.replicas import Replica, ReplicaSettings
+from choreo.replicas import ReplicaSettings
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
-from choreo.store import (
-    FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, LogStore, ServiceStore, Tracking, advance,
-)
+from choreo.store import FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, ServiceStore
 
 log = logging.getLogger("choreo")
 T = TypeVar("T")
@@ -68,7 +67,7 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
                        "give the service an async def handler, concurrency > 1 or threads, or use apoll()")
 
 
-class Processor(Parking, Timers):
+class Processor(Parking, Timers, Replicated):
     """Processes the log for one service, in batches, exactly once."""
 
     def __init__(
@@ -305,55 +304,6 @@ class Processor(Parking, Timers):
         except (ValueError, AttributeError):
             return None
         return target if isinstance(target, str) else None
-
-    # -- replicas (choreo.replicas) ------------------------------------------------------
-    def _replica_of(self, settings: ReplicaSettings | None) -> Replica | None:
-        """This process's replica of the service: as asked, or because its work is split already."""
-        splits = isinstance(self.store, LogStore) and self.own.supports_claims
-        if settings is None and splits:
-            segments = self.own.segments()
-            if segments:  # replicas split it already: doing it all alongside them would do work twice
-                settings = ReplicaSettings(segments=segments)
-        if settings is None:
-            return None
-        if not splits:
-            raise WiringError(f"{self.service.name}: the store {self.store.url} cannot split a service's work "
-                              "among replicas (on Kafka, a service's processes share the partitions instead)")
-        replica = Replica(self.own, settings)
-        replica.tick()
-        self._held = replica.held()
-        return replica
-
-    async def _keep_claims(self) -> None:
-        """Renew this replica's claims if it is time, in the middle of a long batch too.
-
-        A failure here is only logged: it is not the handler's, and the commit's own check
-        of the claims is what keeps a replica that lost one from writing.
-        """
-        if self.replica is not None and self.replica.due():
-            try:
-                await self._io(self.replica.renew)
-            except Exception as e:
-                log.warning("%s: could not renew the claims of replica %s: %s: %s", self.service.name,
-                            self.replica.id, type(e).__name__, e)
-
-    def _mine(self, saga_id: str) -> bool:
-        """Whether this process handles the saga (always, unless it is one replica of several)."""
-        return self.replica is None or self.replica.owns(saga_id)
-
-    def _feed_tracking(self) -> Tracking:
-        """Where the feed starts: the tracking (a replica: the least position of the segments it holds)."""
-        if self.replica is None:
-            return self.own.tracking()
-        return {LOG: self.replica.start(LOG, self.own.tracking())}
-
-    def _reached(self, done: Sequence[Envelope]) -> Tracking:
-        """The tracking that committing `done` reaches (a replica: each segment it holds)."""
-        if self.replica is None:
-            return advance(done)
-        if not done:
-            return {}
-        return self.replica.reached(done[-1].source, done[-1].position or 0, self.tracking)
 
     # -- a batch -----------------------------------------------------------------------
     async def _process(self, batch: Sequence[Envelope]) -> None:
