@@ -67,7 +67,7 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
                        "give the service an async def handler, concurrency > 1 or threads, or use apoll()")
 
 
-class Processor(Parking, Timers, Replicated):
+class Processor(Replicated, Parking, Timers):
     """Processes the log for one service, in batches, exactly once."""
 
     def __init__(
