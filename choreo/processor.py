@@ -133,8 +133,13 @@ class Processor(Replicated, Parking, Timers):
     async def apoll(self, timeout: float = 0.0) -> int:
         """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
         if self.replica is not None:
-            if await self._io(self.replica.tick_if_due):
-                self._stale = True  # segments came or went: read from the committed state again
+            try:
+                if await self._io(self.replica.tick_if_due):
+                    self._stale = True  # segments came or went: read from the committed state again
+            except Exception as e:
+                log.warning("%s: replica %s could not renew its claims: %s: %s", self.service.name,
+                            self.replica.id, type(e).__name__, e)
+                raise
             if not self.replica.tokens:  # none of the work is ours now: wait, renew, look again
                 await self._io(time.sleep, timeout)
                 return 0
