@@ -10,6 +10,7 @@ from choreo.errors import (
     AggregateExists,
     AggregateNotFound,
     ChoreoError,
+    ClaimLost,
     CommandRefused,
     ConcurrencyConflict,
     DeadLetterNotFound,
@@ -20,6 +21,7 @@ from choreo.errors import (
     LogRewound,
     PartitionLost,
     SagaNotFound,
+    SegmentsMismatch,
     StepFailed,
     StoreCorrupt,
     StoreError,
@@ -33,6 +35,7 @@ from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
 from choreo.stores.memory import InMemoryStore
 from choreo.operations import CompensationForced
 from choreo.processor import Processor
+from choreo.replicas import ReplicaSettings, segment_of
 from choreo.retry import RetryPolicy
 from choreo.projection import SagaFilter, SagaProjection
 from choreo.runner import AsyncRunner, Runner, run_service
@@ -51,6 +54,7 @@ __all__ = [
     "AggregateExists",
     "AggregateNotFound",
     "ChoreoError",
+    "ClaimLost",
     "Clock",
     "CommandRefused",
     "CompensationForced",
@@ -75,6 +79,7 @@ __all__ = [
     "Outcome",
     "PartitionLost",
     "Processor",
+    "ReplicaSettings",
     "RetryPolicy",
     "Runner",
     "SagaCompleted",
@@ -83,6 +88,7 @@ __all__ = [
     "SagaFilter",
     "SagaNotFound",
     "SagaProjection",
+    "SegmentsMismatch",
     "Service",
     "ServiceStore",
     "StepCompensated",
@@ -102,5 +108,6 @@ __all__ = [
     "load_aggregate",
     "open_store",
     "run_service",
+    "segment_of",
     "use_clock",
 ]

@@ -70,6 +70,9 @@ class Parking:
     async def _force_failure(self, env: Envelope, command: CompensationRequested) -> None:
         raise NotImplementedError
 
+    def _mine(self, saga_id: str) -> bool:
+        raise NotImplementedError
+
     # -- one attempt ----------------------------------------------------------------------
     async def _attempt(self, env: Envelope, letter: DeadLetter | None = None,
                        first_error: Exception | None = None) -> bool:
@@ -170,8 +173,10 @@ class Parking:
             return
         due = await self._io(self.own.due_retries, clock.now())
         for letter in due:
-            await self._release(letter)
-        pending = [d.due_at for d in await self._io(self.own.dead_letters, RETRYING) if d.due_at]
+            if self._mine(letter.saga_id):
+                await self._release(letter)
+        pending = [d.due_at for d in await self._io(self.own.dead_letters, RETRYING)
+                   if d.due_at and self._mine(d.saga_id)]
         self.next_retry_at = min(pending, default=None)
 
     async def _release(self, first: DeadLetter, skip_reason: str | None = None, cause: Envelope | None = None) -> None:

@@ -15,10 +15,11 @@ from choreo._cli_common import (
     UsageError, add_command, add_store_option, cwd_on_path, load, non_negative_int, positive_int, positive_seconds,
 )
 from choreo import metrics, tracing
+from choreo.replicas import DEFAULT_SEGMENTS, ReplicaSettings
 from choreo.retry import RetryPolicy
 from choreo.runner import run_service
 from choreo.service import Service
-from choreo.store import EventStore, open_store
+from choreo.store import EventStore, LogStore, open_store
 
 
 def load_service(target: str) -> Service:
@@ -59,6 +60,15 @@ def add_run_commands(sub: Any) -> None:
                      help="sagas handled at once (default: the service's; 256 with async handlers, else 1)")
     run.add_argument("--threads", type=non_negative_int, default=None,
                      help="run plain handlers in a pool of this many threads (default: the service's, 0)")
+    run.add_argument("--segments", type=positive_int, default=None,
+                     help="run as one replica of the service, its work split into this many segments (default: "
+                          "the service's `segments`; without either, the process does all the work, as one)")
+    run.add_argument("--lease", type=positive_seconds, default=10.0, metavar="SECONDS",
+                     help="replicas: seconds a claim on a segment lasts unless renewed, the failover time after "
+                          "a crash (default: %(default)s)")
+    run.add_argument("--wait-lease", action="store_true",
+                     help="replicas: take a crashed replica's segments only when its lease ends, even when it ran "
+                          "on this host (by default a replica whose process is gone here is taken over at once)")
     run.add_argument("--reset-positions", action="store_true",
                      help="first reset the service's positions in the log (Kafka, after the log lost data)")
     run.add_argument("--metrics-port", type=non_negative_int, default=None, metavar="PORT",
@@ -132,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         run_service(service, store, batch_size=args.batch_size, retry=RetryPolicy(max_attempts=args.max_attempts),
-                    concurrency=args.concurrency, threads=args.threads)
+                    concurrency=args.concurrency, threads=args.threads, replica=_replica(args, service, store))
     finally:
         store.close()
         choreo_log.setLevel(level)
@@ -140,6 +150,19 @@ def _run(args: argparse.Namespace) -> int:
             server.shutdown()
             metrics.disable()
     return 0
+
+
+def _replica(args: argparse.Namespace, service: Service, store: EventStore) -> ReplicaSettings | None:
+    """How this process runs as a replica of the service, or None if it does all the work."""
+    segments = args.segments or service.segments
+    if segments is None:
+        return None
+    if not (isinstance(store, LogStore) and store.service(service.name).supports_claims):
+        if args.segments:
+            raise UsageError(f"--segments: the store {store.url} cannot split a service's work among replicas "
+                             "(on Kafka, a service's processes share the topic's partitions instead)")
+        return None  # the service's own `segments`: on Kafka, its processes form a consumer group
+    return ReplicaSettings(segments=segments or DEFAULT_SEGMENTS, lease=args.lease, reap_local=not args.wait_lease)
 
 
 def _reset_positions(store: EventStore, name: str) -> None:

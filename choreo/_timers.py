@@ -69,6 +69,9 @@ class Timers:
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
+    def _mine(self, saga_id: str) -> bool:
+        raise NotImplementedError
+
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
         """Schedule or cancel this service's deadlines that `env` starts or cancels."""
         if env.type in SAGA_ENDS:
@@ -106,7 +109,7 @@ class Timers:
         """
         if not self.service.deadlines:
             return
-        due = await self._io(self.own.due_deadlines, clock.now())
+        due = [d for d in await self._io(self.own.due_deadlines, clock.now()) if self._mine(d.saga_id)]
         if not due or not self.feed.caught_up():
             return
         for timer in due:

@@ -2,6 +2,7 @@
 
     ChoreoError
     ├── WiringError (ValueError)            a service or system is wired wrongly
+    │   └── SegmentsMismatch                a replica's number of segments is not its service's
     ├── EventError (ValueError)             an event cannot be used as it is
     │   ├── UnknownEventType (LookupError)  no event class has this type name
     │   └── EventValidationError            the payload breaks the event's schema
@@ -13,7 +14,8 @@
     │   ├── StoreURLError (ValueError)      the store URL is not one choreo understands
     │   ├── StoreCorrupt                    the file is not a usable choreo database
     │   ├── StoreLocked (TimeoutError)      the database stayed locked past the timeout
-    │   └── StoreNotFound (LookupError)     a read asked for a store (or service) that does not exist
+    │   ├── StoreNotFound (LookupError)     a read asked for a store (or service) that does not exist
+    │   └── ClaimLost                       a replica no longer holds a segment it commits for; nothing written
     ├── LogRewound                          the log ends before a reader's saved position (lost broker data)
     ├── EventIdTaken                        an emitted event's id is already in the log for another event
     ├── EventTooLarge (ValueError)          an emitted event is larger than the log accepts
@@ -103,6 +105,18 @@ class StoreLocked(StoreError, TimeoutError):
 
 class StoreNotFound(StoreError, LookupError):
     """A read-only command named a store, service or read model that does not exist (nothing was created)."""
+
+
+class ClaimLost(StoreError):
+    """A replica's commit was refused, writing nothing: it no longer holds a segment of its batch.
+
+    Another replica took the segment after this one's lease expired; this replica drops the
+    segment and goes on with the others (see docs/replicas.md).
+    """
+
+
+class SegmentsMismatch(WiringError):
+    """A replica was started with another number of segments than its service's work is split into."""
 
 
 class LogRewound(ChoreoError):

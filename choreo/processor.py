@@ -34,21 +34,23 @@ from typing import Any, TypeVar
 
 from choreo import clock, logs, metrics, tracing
 from choreo._parking import Park, Parking, as_events, call, envelope_of
+from choreo._replicated import Replicated
 from choreo._participation import Participation, completion, participation_id
 from choreo._saga_end import observe, verdict
 from choreo._timers import Timers
 from choreo._unit_of_work import AggregateCache, Busy, Claims, SagaView, UnitOfWork
 from choreo.aggregates import create_with_id, new_mapper
 from choreo.context import Context
-from choreo.errors import ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
+from choreo.errors import ClaimLost, ConcurrencyConflict, EventError, EventIdTaken, StepFailed, WiringError
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped, decode_payload, is_known_type, known_types
 from choreo.operations import (
     OPERATOR_COMMANDS, CompensationForced, CompensationRefused, CompensationRequested, DeadLetterResolved,
 )
+from choreo.replicas import ReplicaSettings
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
-from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
+from choreo.store import FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, ServiceStore
 
 log = logging.getLogger("choreo")
 T = TypeVar("T")
@@ -65,7 +67,7 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
                        "give the service an async def handler, concurrency > 1 or threads, or use apoll()")
 
 
-class Processor(Parking, Timers):
+class Processor(Replicated, Parking, Timers):
     """Processes the log for one service, in batches, exactly once."""
 
     def __init__(
@@ -78,11 +80,14 @@ class Processor(Parking, Timers):
         retry: RetryPolicy | None = None,
         concurrency: int | None = None,
         threads: int | None = None,
+        replica: ReplicaSettings | None = None,
     ) -> None:
         service.validate()
         self.service = service
         self.store = store
         self.own = store.service(service.name)
+        #: this process's claims when the service's work is split among replicas (None: it does it all)
+        self.replica = self._replica_of(replica)
         self.batch_size = batch_size
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
@@ -108,7 +113,7 @@ class Processor(Parking, Timers):
         self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
-        self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
+        self.feed = store.feed(service.name, self._feed_tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
         ))
@@ -131,6 +136,18 @@ class Processor(Parking, Timers):
         """`poll()` as a coroutine, for a service run inside an event loop (see `AsyncRunner`)."""
         self.last_poll = time.monotonic()
         logs.bind(self.service.name)
+        if self.replica is not None:
+            try:
+                if await self._io(self.replica.tick_if_due):
+                    self._stale = True  # segments came or went: read from the committed state again
+            except Exception as e:
+                log.warning("%s: replica %s could not renew its claims: %s: %s", self.service.name,
+                            self.replica.id, type(e).__name__, e)
+                raise
+            if not self.replica.tokens:  # none of the work is ours now: wait, renew, look again
+                await self._io(time.sleep, timeout)
+                return 0
+            self._held = self.replica.held()  # what this poll's commits are checked against
         if self._stale:
             await self._io(self._reload)
         batch: list[Envelope] = []
@@ -145,8 +162,13 @@ class Processor(Parking, Timers):
             await self._run_due_retries()
             if len(batch) < self.batch_size:
                 await self._fire_due_deadlines()
-        except ConcurrencyConflict as e:
-            log.warning("%s: %s; reloading and retrying the batch", self.service.name, e)
+        except ClaimLost as e:
+            log.warning("%s: %s; going on with the segments it still holds", self.service.name, e)
+            self._stale = True
+            self.replica.expire()  # type: ignore[union-attr]
+        except ConcurrencyConflict as e:  # expected now and then when replicas write one aggregate
+            log.log(logging.INFO if self.replica and self.replica.shared else logging.WARNING,
+                    "%s: %s; reloading and retrying the batch", self.service.name, e)
             self._stale = True
         except Exception as e:
             self._stale = True
@@ -183,7 +205,10 @@ class Processor(Parking, Timers):
         """Forget what the failed batch did and continue after the committed tracking."""
         self.cache.clear()
         self.tracking = self.own.tracking()
-        letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING]
+        if self.replica is None and self.tracking.get(LOG) == FENCE:  # replicas split the service meanwhile
+            log.warning("%s: replicas now split this service's work: this process joins them", self.service.name)
+            self.replica = self._replica_of(None)
+        letters = [d for d in self.own.dead_letters(None) if d.status in HOLDING and self._mine(d.saga_id)]
         self.held = {d.saga_id for d in letters}
         self.next_retry_at = min((d.due_at for d in letters if d.status == RETRYING and d.due_at), default=None)
         if hasattr(self, "feed"):
@@ -191,9 +216,11 @@ class Processor(Parking, Timers):
         self._stale = False
 
     async def _take(self, batch: Sequence[Envelope]) -> None:
+        if self.replica is not None and self.replica.shared:
+            self.cache.clear()  # other replicas write shared aggregates: read them as they are now
         fresh = await self._fresh(batch)
         if not any(self._relevant(e) for e in fresh):
-            self.tracking.update(advance(batch))
+            self.tracking.update(self._reached(batch))
             return
         if self._has_steps or self._starts:
             await self._prefetch(fresh)
@@ -213,7 +240,11 @@ class Processor(Parking, Timers):
 
     async def _fresh(self, batch: Sequence[Envelope]) -> list[Envelope]:
         """Drop what this service already processed: redelivered positions and repeated event ids."""
-        fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
+        if self.replica is None:
+            fresh = [e for e in batch if (e.position or 0) > self.tracking.get(e.source, 0)]
+        else:  # each segment from its own position
+            key = self.replica.key
+            fresh = [e for e in batch if (e.position or 0) > self.tracking.get(key(e.source, e.saga_id), 0)]
         ids = [e.event_id for e in fresh if self._relevant(e)]
         skip = await self._io(self.own.seen, ids) if ids else set()
         out = []
@@ -238,8 +269,14 @@ class Processor(Parking, Timers):
                 return total
 
     def close(self) -> None:
-        """Leave the log and stop the thread pool; the service's own store stays open."""
+        """Leave the log (and free this replica's segments) and stop the thread pool; the store stays open."""
         self.feed.close()
+        if self.replica is not None:
+            try:
+                self.replica.leave()
+            except Exception as e:  # the others take its segments when its lease runs out
+                log.warning("%s: could not free the segments of replica %s: %s", self.service.name,
+                            self.replica.id, e)
         for pool in (self._pool, self._io_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -257,6 +294,8 @@ class Processor(Parking, Timers):
         return env.type in OPERATOR_COMMANDS and self._relevant(env)
 
     def _relevant(self, env: Envelope) -> bool:
+        if self.replica is not None and not self.replica.owns(env.saga_id):
+            return False  # another replica's saga
         if env.type in SAGA_ENDS and env.service == self.service.name:
             return False  # its own end of a saga: it cancelled its deadlines when it ended the saga
         if (
@@ -390,13 +429,17 @@ class Processor(Parking, Timers):
         parked: Sequence[DeadLetter] = (),
         updated: Sequence[DeadLetter] = (),
     ) -> None:
-        reached = advance(done)
+        reached = self._reached(done)
         handled = [e.event_id for e in done if self._relevant(e)]
         events, letters = uow.stored_events(), [*uow.resolved, *updated]
+        claim: dict[str, Any] = {}
+        if self.replica is not None:
+            claim = {"claim": self._held}
+            await self._keep_claims()
         try:
             await self._io(lambda: self.own.commit(
                 events=events, emitted=uow.emitted, tracking=reached, parked=parked,
-                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines,
+                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines, **claim,
             ))
         except BaseException:
             uow.discard()
@@ -414,6 +457,8 @@ class Processor(Parking, Timers):
     async def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
         if not self._relevant(env):
             return
+        if self.replica is not None:
+            await self._keep_claims()  # a batch may outlast the lease: its handlers take time
         if env.malformed is not None:
             raise Park(f"malformed record: {env.malformed}", env.payload)
         if not env.saga_id:

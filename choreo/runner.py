@@ -277,7 +277,12 @@ def run_service(service: Service, store: EventStore, **options: object) -> None:
         processor = _start(service, store, stop, options)
         if processor is None:
             return
-        log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
+        if processor.replica is None:
+            log.info("%s: running from %s on %s", service.name, processor.tracking or "the start", store.url)
+        else:
+            r = processor.replica
+            log.info("%s: running from its segments' positions on %s as replica %s, holding %d of %d segments",
+                     service.name, store.url, r.id, len(r.tokens), r.segments)
         started = time.monotonic()
         try:
             run_processor(processor, stop)

@@ -49,6 +49,7 @@ class Service:
         retry: RetryPolicy | None = None,
         concurrency: int | None = None,
         threads: int = 0,
+        segments: int | None = None,
     ) -> None:
         self.name = check_service_name(name)
         self.handlers: dict[str, list[Handler]] = {}
@@ -69,6 +70,10 @@ class Service:
         self.concurrency = concurrency
         #: sync handlers run in a pool of this many threads (0: in the service's loop, one at a time)
         self.threads = threads
+        if segments is not None and (not isinstance(segments, int) or not 1 <= segments <= 4096):
+            raise WiringError(f"service {self.name!r}: segments must be a whole number from 1 to 4096, got {segments!r}")
+        #: into how many segments its replicas split its work (None: `choreo run` runs it whole, as one process)
+        self.segments = segments
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"

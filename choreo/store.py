@@ -8,6 +8,13 @@ redelivery a no-op (guarantee 1). Readers get the log through a `Feed`. A read
 model (`DocumentStore`) commits its documents and tracking together, optionally as a
 compare-and-set against the tracking its batch started from, so several writers can
 fold one log. `open_store(url, create=False)` opens a store to read only.
+
+Replicas (docs/replicas.md): a store whose service stores have `supports_claims` lets
+several processes of one service split its work. The contract is four calls on
+`ServiceStore` -- `segments()`, `claims()`, `acquire()`, `leave()` -- plus the `claim`
+argument of `commit()`, which the store checks in the commit's own transaction
+(`ClaimLost`, nothing written, if the replica no longer holds a segment). Lease expiry
+is measured on the store's clock, so replicas on hosts whose clocks differ agree.
 Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
 
@@ -26,7 +33,7 @@ from uuid import UUID, uuid4
 from eventsourcing.persistence import StoredEvent
 
 from choreo.deadlines import Deadline
-from choreo.errors import StoreURLError, WiringError
+from choreo.errors import ClaimLost, SegmentsMismatch, StoreURLError, WiringError
 from choreo.events import Envelope
 
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -99,6 +106,61 @@ def advance_rows(rows: Sequence[Row]) -> Tracking:
     return {row[11]: row[0] or 0 for row in rows}
 
 
+#: Where a split service's whole-service tracking keys are fenced: a processor still running the
+#: service whole cannot move past it (its commit fails, it reloads and joins as a replica).
+FENCE = 2**62
+
+
+def segment_source(source: str, segment: int) -> str:
+    """The tracking key of one segment of a source: "log#3" (a service split among replicas)."""
+    return f"{source}#{segment}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One segment of a service's work and the replica that holds it (`owner` None: free)."""
+
+    segment: int
+    owner: str | None
+    #: changes whenever the segment changes hands (taken, released), never on a renewal
+    token: int
+    #: when the lease ends, in seconds on the store's clock (see `ClaimState.now`)
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """Every segment's claim, the replicas alive (by heartbeat) and the store's clock, read together."""
+
+    claims: tuple[Claim, ...]
+    #: the replicas whose heartbeat (renewed by `acquire()`) has not expired
+    replicas: tuple[str, ...]
+    #: the store's clock when this was read, in seconds
+    now: float
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a replica commits under: its id and the token of each segment it holds (see `commit(claim=)`)."""
+
+    owner: str
+    tokens: Mapping[int, int]
+
+
+def segments_mismatch(service: str, have: int, asked: int) -> SegmentsMismatch:
+    """The error of a replica started with `asked` segments for a service split into `have`."""
+    return SegmentsMismatch(
+        f"service {service!r} is split into {have} segments, but this replica was started with {asked}: "
+        "the number of segments is fixed for a service's life (see docs/replicas.md)")
+
+
+def claim_lost(service: str, owner: str, segments: Iterable[int]) -> ClaimLost:
+    """The error of a commit refused because `owner` no longer holds `segments`."""
+    return ClaimLost(
+        f"{service}: replica {owner} no longer holds segment(s) {', '.join(map(str, sorted(segments)))} "
+        "(another replica took them after its lease expired, or it released them); nothing was written")
+
+
 class ServiceStore(ABC):
     """One service's private state: aggregate events, tracking, handled ids, dead letters."""
 
@@ -131,6 +193,7 @@ class ServiceStore(ABC):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        claim: Held | None = None,
     ) -> None:
         """Atomically record aggregate events, emitted events, dead letters, deadlines, handled ids and tracking.
 
@@ -141,6 +204,11 @@ class ServiceStore(ABC):
         already recorded, a tracked position would not move forward, or a deadline was
         fired already; `EventIdTaken` (naming the id) if an emitted event's id is already
         in the log or twice among `emitted`. Either way nothing is written.
+
+        With `claim` (a replica's commit), first check in the same transaction that
+        `claim.owner` still holds every segment of `claim.tokens` with that token; if not,
+        raise `ClaimLost` and write nothing. Expiry is not checked here: a lease that ran
+        out but that no replica took yet still holds (its token did not change).
         """
 
     def set_tracking(self, tracking: Mapping[str, int]) -> None:
@@ -167,6 +235,42 @@ class ServiceStore(ABC):
         """Return the letters whose next attempt is due at `now` (status `retrying`), earliest first."""
         due = [d for d in self.dead_letters(RETRYING) if d.due_at is not None and d.due_at <= now]
         return sorted(due, key=lambda d: (d.due_at, d.id or 0))[:limit]
+
+    # -- replicas: claims on segments (docs/replicas.md) -----------------------------------
+    #: whether this store can split the service's work among replicas (the four calls below)
+    supports_claims: bool = False
+
+    def segments(self) -> int | None:
+        """Return how many segments the service's work is split into, or None if it is not split."""
+        return None
+
+    def claims(self, segments: int) -> ClaimState:
+        """Return every segment's claim, the live replicas and the store's clock, read together.
+
+        The first call records the layout, in one transaction: `segments` free segments
+        (token 0), each starting its tracking where the service's whole tracking was (for
+        each whole-service key `source` without "#", or `LOG` at 0 if there is none,
+        `segment_source(source, s)` keys at its position), and those whole-service keys set
+        to `FENCE`. `SegmentsMismatch` if the
+        service is already split into another number of segments.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot split a service among replicas")
+
+    def acquire(self, owner: str, segments: Sequence[int], lease: float, *,
+                release: Sequence[int] = (), dead: Sequence[str] = ()) -> dict[int, int]:
+        """In one transaction: keep `owner` alive for `lease` seconds, free its claims on `release`,
+        then claim or renew each of `segments` that is free, expired, `owner`'s, or held by one of
+        `dead` (replicas known to have died; their heartbeats are dropped); return the segments
+        `owner` holds afterwards, with their tokens.
+
+        A segment that changes hands (taken or released) gets a new token; a renewal keeps
+        it and moves `expires_at` to the store's now + `lease`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot split a service among replicas")
+
+    def leave(self, owner: str) -> None:
+        """Free every claim of `owner` and drop its heartbeat (a replica stopping cleanly)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split a service among replicas")
 
     def flush(self) -> None:
         """Publish whatever the service emitted that is not yet in the log (Kafka's outbox)."""

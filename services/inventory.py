@@ -15,7 +15,7 @@ from services.contracts import ItemsReleased, ItemsReserved, OrderPlaced, OutOfS
 #: Stock on hand when an item is first used. `rare-gem` is never in stock.
 CATALOG = {"widget": 1_000_000, "gadget": 1_000_000, "rare-gem": 0}
 
-service = Service("inventory")
+service = Service("inventory", segments=16)  # `choreo run` it several times: the replicas split the sagas
 
 
 class StockItem(Aggregate):

@@ -18,7 +18,8 @@ from services.contracts import ItemsReserved, PaymentCaptured, PaymentDeclined, 
 RICH, BROKE = 100_000_000, 100
 
 service = Service(
-    "payment", retry=RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.2, retry_on=(TimeoutError, ConnectionError))
+    "payment", retry=RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.2, retry_on=(TimeoutError, ConnectionError)),
+    segments=16,  # `choreo run` it several times: the replicas split the sagas
 )
 _provider_calls: dict[str, int] = {}  # per process: orders whose first call timed out, until one succeeds
 

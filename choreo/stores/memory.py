@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -22,7 +23,8 @@ from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Dead
 from choreo.errors import ConcurrencyConflict, EventIdTaken
 from choreo.events import Envelope
 from choreo.store import (
-    DeadLetter, DocumentStore, Interest, LogStore, ServiceStore, Tracking, check_service_name,
+    Claim, ClaimState, DeadLetter, DocumentStore, Held, Interest, LogStore, ServiceStore, Tracking, check_service_name,
+    FENCE, LOG, claim_lost, segment_source, segments_mismatch,
 )
 
 
@@ -143,6 +145,8 @@ class _InMemoryDocumentStore(DocumentStore):
 
 
 class _InMemoryServiceStore(ServiceStore):
+    supports_claims = True
+
     def __init__(self, store: InMemoryStore, name: str) -> None:
         self.store = store
         self.name = name
@@ -150,6 +154,60 @@ class _InMemoryServiceStore(ServiceStore):
         self._tracking: Tracking = {}
         self._deadlines: dict[str, Deadline] = {}
         self._dead: list[DeadLetter] = []
+        self._claims: dict[int, Claim] = {}  # by segment; empty: the service is not split
+        self._alive: dict[str, float] = {}  # replicas' heartbeats: when each expires
+
+    # -- replicas (the store's clock is this process's monotonic clock) ----------------------
+    def segments(self) -> int | None:
+        return len(self._claims) or None
+
+    def claims(self, segments: int) -> ClaimState:
+        with self.store._changed:
+            if not self._claims:
+                self._claims = {s: Claim(s, None, 0, 0.0) for s in range(segments)}
+                whole = {k: v for k, v in self._tracking.items() if "#" not in k} or {LOG: 0}
+                for source, position in whole.items():
+                    self._tracking.update({segment_source(source, s): position for s in range(segments)})
+                    self._tracking[source] = FENCE
+            elif len(self._claims) != segments:
+                raise segments_mismatch(self.name, len(self._claims), segments)
+            now = time.monotonic()
+            alive = tuple(sorted(o for o, t in self._alive.items() if t >= now))
+            return ClaimState(tuple(self._claims.values()), alive, now)
+
+    def acquire(self, owner: str, segments: Sequence[int], lease: float, *,
+                release: Sequence[int] = (), dead: Sequence[str] = ()) -> dict[int, int]:
+        with self.store._changed:
+            now = time.monotonic()
+            for o in dead:
+                self._alive.pop(o, None)
+            self._alive[owner] = now + lease
+            for s in release:
+                c = self._claims.get(s)
+                if c is not None and c.owner == owner:
+                    self._claims[s] = Claim(s, None, c.token + 1, 0.0)
+            for s in segments:
+                c = self._claims.get(s)
+                if c is None:
+                    continue
+                if c.owner == owner:
+                    self._claims[s] = replace(c, expires_at=now + lease)
+                elif c.owner is None or c.expires_at < now or c.owner in dead:
+                    self._claims[s] = Claim(s, owner, c.token + 1, now + lease)
+            return {s: c.token for s, c in self._claims.items() if c.owner == owner}
+
+    def leave(self, owner: str) -> None:
+        with self.store._changed:
+            self._alive.pop(owner, None)
+            for s, c in self._claims.items():
+                if c.owner == owner:
+                    self._claims[s] = Claim(s, None, c.token + 1, 0.0)
+
+    def _check(self, claim: Held) -> None:
+        lost = sorted(s for s, token in claim.tokens.items()
+                      if (c := self._claims.get(s)) is None or c.owner != claim.owner or c.token != token)
+        if lost:
+            raise claim_lost(self.name, claim.owner, lost)
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         with self.store._changed:
@@ -172,8 +230,11 @@ class _InMemoryServiceStore(ServiceStore):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        claim: Held | None = None,
     ) -> None:
         with self.store._changed:
+            if claim is not None:
+                self._check(claim)
             reached = forward(self._tracking, tracking, self.name)
             timers = merge_deadlines(self._deadlines, deadlines, self.name)
             latest: dict[UUID, int] = {}

@@ -10,6 +10,10 @@ opens) are the only ones that speak SQL. Tables:
   for logs that can deliver an event twice, such as Kafka).
 - `svc_<name>_dead_letters`: events the service parked, with the reason.
 - `svc_<name>_deadlines`: the service's deadlines (scheduled, cancelled, fired).
+- `svc_<name>_claims`, `svc_<name>_replicas`: when the service's work is split among
+  replicas, each segment's claim (owner, token, lease expiry) and each replica's
+  heartbeat; lease times are on SQLite's clock (the machine's, shared by every process
+  on the file, and untouched by a test's frozen clock). See docs/replicas.md.
 - `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
 
 A reader waiting for the log is woken by a commit in any process: see `choreo.stores._wakeup`
@@ -54,7 +58,8 @@ from choreo.errors import (
 )
 from choreo.events import Envelope
 from choreo.store import (
-    DeadLetter, DocumentStore, Interest, LogStore, Row, ServiceStore, Tracking, check_service_name,
+    Claim, ClaimState, DeadLetter, DocumentStore, Held, Interest, LogStore, Row, ServiceStore, Tracking,
+    FENCE, LOG, check_service_name, claim_lost, segment_source, segments_mismatch,
 )
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -97,7 +102,12 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id);
+CREATE TABLE IF NOT EXISTS svc_{name}_claims (
+    segment INTEGER PRIMARY KEY, owner TEXT, token INTEGER NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS svc_{name}_replicas (owner TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
 """
+#: SQLite's clock in seconds since the epoch (the store's clock of the replicas' leases)
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 _SERVICE_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -380,6 +390,24 @@ class _Cursor:
             if self.c.fetchone() is None:
                 raise ConcurrencyConflict(f"{owner} already processed {source} past position {position}")
 
+    def track_segments(self, table: str, tracking: Mapping[str, int], owner: str) -> None:
+        """`track()` for a replica, which moves many segments' positions to one position: one UPDATE each."""
+        at: dict[int, list[str]] = {}
+        for source, position in tracking.items():
+            at.setdefault(position, []).append(source)
+        for position, sources in at.items():
+            marks = ",".join("?" * len(sources))
+            self.c.execute(f"UPDATE {table} SET position = ? WHERE source IN ({marks}) AND position < ?",
+                           (position, *sources, position))
+            moved = self.c.rowcount
+            if moved == len(sources):
+                continue
+            present = {r[0] for r in self.c.execute(f"SELECT source FROM {table} WHERE source IN ({marks})", sources)}
+            absent = [s for s in sources if s not in present]
+            if moved + len(absent) != len(sources):
+                raise ConcurrencyConflict(f"{owner} already processed a segment of the log past position {position}")
+            self.c.executemany(f"INSERT INTO {table} VALUES (?, ?)", [(s, position) for s in absent])
+
     def insert_log(self, envelopes: Sequence[Envelope]) -> list[int]:
         """Append to the log; return the positions (consecutive: the transaction holds the write lock)."""
         if not envelopes:
@@ -398,6 +426,8 @@ class _Cursor:
 
 
 class _SQLiteServiceStore(ServiceStore):
+    supports_claims = True
+
     def __init__(self, store: SQLiteStore, name: str) -> None:
         self.store = store
         self.name = name
@@ -406,6 +436,62 @@ class _SQLiteServiceStore(ServiceStore):
         self._dead = f"svc_{name}_dead_letters"
         self._handled = f"svc_{name}_handled"
         self._deadlines = f"svc_{name}_deadlines"
+        self._claims = f"svc_{name}_claims"
+        self._replicas = f"svc_{name}_replicas"
+
+    # -- replicas ------------------------------------------------------------------------
+    def segments(self) -> int | None:
+        if self.store.read_only and not self.store.tables([self._claims]):
+            return None  # a file written before replicas existed
+        return self.store._query(f"SELECT COUNT(*) FROM {self._claims}")[0][0] or None
+
+    def claims(self, segments: int) -> ClaimState:
+        rows = self._claim_rows()
+        if not rows:
+            with self.store._write() as c:
+                have = c.c.execute(f"SELECT COUNT(*) FROM {self._claims}").fetchone()[0]
+                if not have:  # the layout, and each segment's tracking from the whole service's
+                    c.c.executemany(f"INSERT INTO {self._claims} VALUES (?, NULL, 0, 0)",
+                                    [(s,) for s in range(segments)])
+                    whole = [r for r in c.c.execute(f"SELECT source, position FROM {self._tracking}")
+                             if "#" not in r[0]] or [(LOG, 0)]
+                    c.c.executemany(f"INSERT INTO {self._tracking} VALUES (?, ?)",
+                                    [(segment_source(src, s), pos) for src, pos in whole for s in range(segments)])
+                    c.c.executemany(f"INSERT INTO {self._tracking} VALUES (?, ?) ON CONFLICT (source) DO UPDATE "
+                                    "SET position = excluded.position", [(src, FENCE) for src, _ in whole])
+            rows = self._claim_rows()
+        if len(rows) != segments:
+            raise segments_mismatch(self.name, len(rows), segments)
+        alive = self.store._query(f"SELECT owner FROM {self._replicas} WHERE expires_at >= {_NOW} ORDER BY owner")
+        return ClaimState(tuple(Claim(r[0], r[1], r[2], r[3]) for r in rows), tuple(r[0] for r in alive),
+                          rows[0][4])
+
+    def _claim_rows(self) -> list[Any]:
+        return self.store._query(f"SELECT segment, owner, token, expires_at, {_NOW} FROM {self._claims} "
+                                 "ORDER BY segment")
+
+    def acquire(self, owner: str, segments: Sequence[int], lease: float, *,
+                release: Sequence[int] = (), dead: Sequence[str] = ()) -> dict[int, int]:
+        with self.store._write() as c:
+            if dead:
+                c.c.executemany(f"DELETE FROM {self._replicas} WHERE owner = ?", [(o,) for o in dead])
+            c.c.execute(f"INSERT INTO {self._replicas} VALUES (?, {_NOW} + ?) "
+                        "ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at", (owner, lease))
+            c.c.executemany(f"UPDATE {self._claims} SET owner = NULL, token = token + 1, expires_at = 0 "
+                            "WHERE segment = ? AND owner = ?", [(s, owner) for s in release])
+            c.c.executemany(
+                f"UPDATE {self._claims} SET token = CASE WHEN owner IS ?1 THEN token ELSE token + 1 END, "
+                f"owner = ?1, expires_at = {_NOW} + ?2 WHERE segment = ?3 AND (owner IS NULL OR owner = ?1 "
+                f"OR expires_at < {_NOW} OR owner IN (SELECT value FROM json_each(?4)))",
+                [(owner, lease, s, json.dumps(list(dead))) for s in segments],
+            )
+            return dict(c.c.execute(f"SELECT segment, token FROM {self._claims} WHERE owner = ?", (owner,)))
+
+    def leave(self, owner: str) -> None:
+        with self.store._write() as c:
+            c.c.execute(f"DELETE FROM {self._replicas} WHERE owner = ?", (owner,))
+            c.c.execute(f"UPDATE {self._claims} SET owner = NULL, token = token + 1, expires_at = 0 "
+                        "WHERE owner = ?", (owner,))
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         rows = self.store._query(
@@ -457,9 +543,10 @@ class _SQLiteServiceStore(ServiceStore):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        claim: Held | None = None,
     ) -> None:
         try:
-            self._commit(events, emitted, tracking, parked, handled, updated, deadlines)
+            self._commit(events, emitted, tracking, parked, handled, updated, deadlines, claim)
         except _IdTaken:  # rolled back: the ids found in the log now are those taken before
             ids = [env.event_id for env in emitted]
             twice = {i for i, n in Counter(ids).items() if n > 1}
@@ -487,8 +574,14 @@ class _SQLiteServiceStore(ServiceStore):
         handled: Sequence[str],
         updated: Sequence[DeadLetter],
         deadlines: Sequence[Deadline],
+        claim: Held | None = None,
     ) -> None:
         with self.store._write() as c:
+            if claim is not None:  # first: a replica that lost a segment writes nothing
+                held = dict(c.c.execute(f"SELECT segment, token FROM {self._claims} WHERE owner = ?", (claim.owner,)))
+                lost = [s for s, token in claim.tokens.items() if held.get(s) != token]
+                if lost:
+                    raise claim_lost(self.name, claim.owner, lost)
             if events:
                 c.c.executemany(
                     f"INSERT INTO {self._events} VALUES (?,?,?,?)",
@@ -525,7 +618,10 @@ class _SQLiteServiceStore(ServiceStore):
                 self._deadlines_of(c, status, list(run))
             if handled and self.store.dedupe:
                 c.c.executemany(f"INSERT INTO {self._handled} VALUES (?)", [(i,) for i in handled])
-            c.track(self._tracking, tracking, self.name)
+            if claim is not None:
+                c.track_segments(self._tracking, tracking, self.name)
+            else:
+                c.track(self._tracking, tracking, self.name)
 
     def _deadlines_of(self, c: _Cursor, status: str, timers: list[Deadline]) -> None:
         rows = [(t.id, t.name, t.saga_id, t.due_at.astimezone(timezone.utc).isoformat(), t.status, t.cause_event_id,
