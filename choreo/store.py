@@ -8,7 +8,7 @@ redelivery a no-op (guarantee 1). Readers get the log through a `Feed`. A read
 model (`DocumentStore`) commits its documents and tracking together, optionally as a
 compare-and-set against the tracking its batch started from, so several writers can
 fold one log. `open_store(url, create=False)` opens a store to read only.
-Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`.
+Implementations: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
 
 from __future__ import annotations
@@ -442,12 +442,15 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
     """Open the event store named by `url` (default: `$CHOREO_STORE` or `sqlite:///choreo.db`).
 
     Understood: `memory://`; `sqlite:///relative.db` and `sqlite:////absolute.db`, with
-    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`; and
-    `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.stores.kafka.KafkaSettings`.
+    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`;
+    `postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (or `postgres://`), with the settings of
+    `choreo.stores.postgres` (`durability`, `lock_timeout`, `poll_interval`; the rest go to libpq;
+    needs `pip install choreo[postgres]`); and `kafka://HOST:PORT[,HOST:PORT]` with the settings of
+    `choreo.stores.kafka.KafkaSettings`.
 
     With `create=False` the store is opened to read only and nothing is created or
-    written: on SQLite a missing file raises `StoreNotFound` naming it, and so does
-    `service(name)` of a service without tables. A memory store is new either way. On
+    written: on SQLite a missing file raises `StoreNotFound` naming it (on PostgreSQL a missing
+    database, or one without choreo's log), and so does `service(name)` of a service without tables. A memory store is new either way. On
     Kafka the topic must exist and no topic, state folder or file is created.
     """
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
@@ -474,6 +477,17 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
         from choreo.stores.kafka import open_kafka
 
         return open_kafka(url, create=create, **options)
+    if parts.scheme in ("postgresql", "postgres"):
+        try:
+            from choreo.stores.postgres import PostgresStore
+        except ModuleNotFoundError as e:
+            if e.name not in ("psycopg", "psycopg_binary"):
+                raise
+            raise StoreURLError(
+                f"{parts.scheme}:// stores need psycopg 3: pip install 'choreo[postgres]' ({e})"
+            ) from None
+        return PostgresStore(url, **{**options, "create": create})
     raise StoreURLError(
-        f"unsupported store URL {url!r}: expected sqlite:///PATH, kafka://HOST:PORT or memory://"
+        f"unsupported store URL {url!r}: expected sqlite:///PATH, postgresql://USER@HOST:PORT/DATABASE, "
+        "kafka://HOST:PORT or memory://"
     )

@@ -1,0 +1,482 @@
+"""The PostgreSQL event store: the log and every service's state in one database, shared by many hosts.
+
+`open_store("postgresql://user@host:5432/db")` (or `postgres://`) opens it. This module and
+its private helpers `_postgres_service` and `_postgres_documents` are the only ones that
+import psycopg (psycopg 3: `pip install choreo[postgres]`). Tables, created by the first
+store that writes (nothing is created by a store opened with `create=False`):
+
+- `choreo_log`: the shared log; `position` is the global order, gap-free.
+- `svc_<name>_events`, `_tracking`, `_dead_letters`, `_handled`, `_deadlines`: a service's
+  aggregate events, tracking, dead letters (and scheduled retries), handled ids (only with
+  `dedupe`) and deadlines, as in `choreo.stores.sqlite`.
+- `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
+
+How positions stay gap-free for readers. Every transaction that appends to the log takes a
+transaction-scoped advisory lock (`pg_advisory_xact_lock(LOG_LOCK)`) as its last step, then
+numbers its events after the largest position it can see. The lock is released only once the
+transaction is committed and visible, so the next appender numbers after it, and positions
+are assigned in commit order: a reader that saw position N has seen every position below N,
+and never skips an event committed later. A transaction does everything else first, so the
+lock is held only for the insert and the COMMIT. A process that writes to the log without
+choreo must take the same lock.
+
+Wake-ups. A transaction that appends also runs `NOTIFY choreo_log` (delivered at COMMIT). A
+reader that waits (`wait()`) has the store LISTEN on a dedicated connection, whose thread wakes
+the readers of this process at once; they also look at the log every `poll_interval` seconds
+(1 s by default) in case a notification was lost with that connection. A commit in this
+process wakes this process's readers directly.
+
+Settings, in the URL's query (the others go to libpq, e.g. `sslmode`, `connect_timeout`):
+`durability=full|normal` (`synchronous_commit` on or off: off may lose the last commits if
+the server crashes, never if a service does), `lock_timeout=SECONDS` (30; a commit that waits
+longer for a lock fails with `StoreLocked`, and the service resumes), `poll_interval=SECONDS`.
+
+Each thread has its own connection (autocommit for reads, one transaction per write); a
+connection that broke (the server restarted) is replaced on the next call. A missing database
+is created when the store may create (the user needs CREATEDB); with `create=False` it is
+`StoreNotFound`, as is a database without choreo's log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors, sql
+
+from choreo.errors import ConcurrencyConflict, StoreError, StoreLocked, StoreNotFound, StoreURLError
+from choreo.events import Envelope
+from choreo.store import DocumentStore, Interest, LogStore, Row, ServiceStore, check_service_name
+from choreo.stores.sqlite import _envelope
+
+#: The advisory lock every transaction that appends to the log holds until it commits ("choreolg").
+LOG_LOCK = 0x63686F72656F6C67
+#: The advisory lock that serialises creating tables (two processes creating one table would clash).
+DDL_LOCK = 0x63686F72656F6464
+#: The channel a commit that appended to the log notifies.
+CHANNEL = "choreo_log"
+FALLBACK = 1.0
+"""Seconds between looks at the log while a reader waits and notifications work."""
+POLL = 0.01
+"""Seconds between looks at the log while they do not (the listening connection broke)."""
+
+_SETTINGS = {"durability", "lock_timeout", "poll_interval"}
+_DURABILITY = {"full": "on", "normal": "off"}
+_LOG_COLUMNS = ("position, event_id, type, version, saga_id, causation_id, service, step, outcome, "
+                "occurred_at, payload")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS choreo_log (
+    position BIGINT PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    saga_id TEXT,
+    causation_id TEXT,
+    service TEXT NOT NULL,
+    step TEXT,
+    outcome TEXT,
+    occurred_at TEXT NOT NULL,
+    payload TEXT NOT NULL
+)
+"""
+# numbered after the largest position visible once the lock is held (a new snapshot: READ COMMITTED)
+_INSERT_LOG = f"""
+INSERT INTO choreo_log ({_LOG_COLUMNS})
+SELECT (SELECT COALESCE(MAX(position), 0) FROM choreo_log) + n, e, t, v, s, c, sv, st, o, oc, p
+FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::text[], %s::text[]) WITH ORDINALITY AS x(e, t, v, s, c, sv, st, o, oc, p, n)
+RETURNING position
+"""
+
+
+def parse_url(url: str) -> tuple[str, dict[str, Any]]:
+    """Split a `postgresql://` URL into libpq's connection string and choreo's settings; `StoreURLError` if bad."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise StoreURLError(f"not a PostgreSQL store URL: {url!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    settings: dict[str, Any] = {k: v for k, v in query if k in _SETTINGS}
+    rest = [(k, v) for k, v in query if k not in _SETTINGS]
+    for name in ("lock_timeout", "poll_interval"):
+        if name in settings:
+            try:
+                settings[name] = float(settings[name])
+                if settings[name] <= 0:
+                    raise ValueError
+            except ValueError:
+                raise StoreURLError(f"{name} must be a positive number of seconds in {redact(url)!r}") from None
+    if not parts.path.strip("/") and not any(k == "dbname" for k, _ in rest):
+        raise StoreURLError(f"no database in store URL {redact(url)!r}: expected postgresql://USER@HOST:PORT/DATABASE")
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+    return conninfo, settings
+
+
+def redact(url: str) -> str:
+    """`url` with its password (if any) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore(LogStore):
+    """The event store in one PostgreSQL database, usable by many threads, processes and hosts at once.
+
+    With `create=False` nothing is created (`StoreNotFound` if the database or its log is
+    missing) and every write raises `StoreError`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: str = "full",
+        lock_timeout: float = 30.0,
+        poll_interval: float | None = None,
+        dedupe: bool = False,
+        create: bool = True,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        conninfo, settings = parse_url(url)
+        durability = settings.get("durability", durability)
+        if durability not in _DURABILITY:
+            raise StoreURLError(f"unknown durability {durability!r}: expected one of {sorted(_DURABILITY)}")
+        self.url = redact(url)
+        self.durability = durability
+        self.lock_timeout = float(settings.get("lock_timeout", lock_timeout))
+        self.poll_interval = settings.get("poll_interval", poll_interval)
+        self.dedupe = dedupe
+        self.read_only = not create
+        try:
+            self.conninfo = psycopg.conninfo.make_conninfo(conninfo)
+            params = psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        except psycopg.ProgrammingError as e:
+            raise StoreURLError(f"bad PostgreSQL store URL {self.url!r}: {_first_line(e)}") from None
+        if "connect_timeout" not in params:
+            self.conninfo = psycopg.conninfo.make_conninfo(self.conninfo, connect_timeout=max(1, int(connect_timeout)))
+        self.database = str(params.get("dbname") or "")
+        host = params.get("host") or "localhost"
+        self.where = f"PostgreSQL database {self.database!r} at {host}:{params.get('port') or 5432}"
+        self._local = threading.local()
+        self._connections: list[psycopg.Connection[Any]] = []
+        self._guard = threading.Lock()
+        self._changed = threading.Condition()
+        self._generation = 0  # counts the commits and notifications noticed by this process
+        self._listener: _Listener | None = None
+        self._listen_retry_at = 0.0
+        self._services: dict[str, ServiceStore] = {}
+        self._tables: set[str] = set()  # tables known to exist (they are never dropped)
+        self._closed = False
+        if self.read_only:
+            if not self.tables(["choreo_log"]):
+                self.close()
+                raise StoreNotFound(f"{self.where}: not a choreo store (it has no log); nothing was created")
+        else:
+            self.ensure_tables(["choreo_log"], _SCHEMA)
+
+    # -- connections, errors and transactions ------------------------------------------
+    def _connect(self, *, listen: bool = False) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True)
+        except psycopg.OperationalError as e:
+            if "does not exist" in str(e) and f'database "{self.database}"' in str(e) and not self.read_only:
+                self._create_database()
+                return self._connect(listen=listen)
+            raise self._translate(e) from e
+        except psycopg.Error as e:
+            raise self._translate(e) from e
+        try:
+            setup = (f"SET TimeZone = 'UTC'; SET client_min_messages = warning; "
+                     f"SET lock_timeout = {int(self.lock_timeout * 1000)}; "
+                     f"SET synchronous_commit = {_DURABILITY[self.durability]}")
+            if self.read_only:
+                setup += "; SET default_transaction_read_only = on"
+            if listen:
+                setup += f"; LISTEN {CHANNEL}"
+            conn.execute(setup)
+        except psycopg.Error as e:
+            conn.close()
+            raise self._translate(e) from e
+        return conn
+
+    def _create_database(self) -> None:
+        """Create the missing database, through the `postgres` maintenance database."""
+        maintenance = psycopg.conninfo.make_conninfo(self.conninfo, dbname="postgres")
+        try:
+            with psycopg.connect(maintenance, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        except errors.DuplicateDatabase:
+            pass  # another process just created it
+        except psycopg.Error as e:
+            raise StoreNotFound(
+                f"{self.where}: the database does not exist, and creating it failed ({_first_line(e)}): "
+                f"create it (createdb {self.database}) or name another"
+            ) from e
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        if self._closed:
+            raise StoreError(f"{self.where}: the store is closed")
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                self._forget(conn)
+            conn = self._connect()
+            self._local.conn = conn
+            with self._guard:
+                self._connections.append(conn)
+        return conn
+
+    def _forget(self, conn: psycopg.Connection[Any]) -> None:
+        with self._guard:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+
+    def _translate(self, e: psycopg.Error) -> Exception:
+        """The choreo error for a psycopg error: what went wrong, where, and what to do."""
+        text = _first_line(e)
+        where = self.where
+        if isinstance(e, (errors.UniqueViolation, errors.SerializationFailure, errors.DeadlockDetected)):
+            return ConcurrencyConflict(f"{where}: {text}")
+        if isinstance(e, errors.LockNotAvailable):
+            return StoreLocked(f"{where}: a lock stayed held past lock_timeout ({self.lock_timeout:g}s): {text}")
+        if isinstance(e, errors.ReadOnlySqlTransaction):
+            return StoreError(f"{where}: opened read-only (create=False); nothing can be written")
+        if isinstance(e, errors.DiskFull):
+            return StoreError(f"{where}: the server's disk is full: {text}")
+        if isinstance(e, psycopg.ProgrammingError) and ("invalid connection option" in text or "invalid dsn" in text
+                                                        or "invalid URI" in text):
+            return StoreURLError(f"bad PostgreSQL store URL {self.url!r}: {text}")
+        full = str(e)
+        if f'database "{self.database}" does not exist' in full:
+            return StoreNotFound(f"{where}: no such database; nothing was created")
+        if "password authentication failed" in full or "no password supplied" in full or (
+                'role "' in full and "does not exist" in full) or (
+                "authentication failed" in full) or isinstance(e, errors.InvalidAuthorizationSpecification) or (
+                isinstance(e, errors.InvalidPassword)):
+            return StoreError(f"{where}: authentication failed: {text} (check the user and password in the URL, "
+                              f"or PGPASSWORD / ~/.pgpass)")
+        if isinstance(e, psycopg.OperationalError) and any(
+                s in full for s in ("Connection refused", "could not connect", "No such file or directory",
+                                    "timeout expired", "could not translate host name", "Network is unreachable",
+                                    "connection failed")):
+            return StoreError(f"{where} is not reachable: {text} (is the server running?)")
+        if isinstance(e, (errors.AdminShutdown, errors.CrashShutdown, errors.CannotConnectNow)) or (
+                isinstance(e, psycopg.OperationalError)):
+            return StoreError(f"{where}: lost the connection to the server: {text}")
+        return StoreError(f"{where}: {text}")
+
+    def _query(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run a query outside any transaction (autocommit); return its rows."""
+        conn = self._conn()
+        try:
+            cur = conn.execute(query, params)  # type: ignore[call-overload]
+            return cur.fetchall() if cur.description is not None else []
+        except psycopg.Error as e:
+            if conn.broken or conn.closed:
+                self._forget(conn)
+            raise self._translate(e) from e
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction: committed if the block ends normally, rolled back if it raises."""
+        if self.read_only:
+            raise StoreError(f"{self.where}: opened read-only (create=False); nothing can be written")
+        conn = self._conn()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as e:
+            if conn.broken or conn.closed:
+                self._forget(conn)
+            raise self._translate(e) from e
+        self._rung()  # wake this process's readers (other processes' are woken by NOTIFY)
+
+    def tables(self, names: Collection[str]) -> set[str]:
+        """Return those of the tables `names` that exist (in the connection's search path)."""
+        rows = self._query(
+            "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p') "
+            "AND pg_table_is_visible(c.oid)", (list(names),))
+        return {r[0] for r in rows}
+
+    def ensure_tables(self, names: Collection[str], ddl: str) -> None:
+        """Create the tables `names` with the statements `ddl` unless they all exist (serialised across processes)."""
+        if self._tables.issuperset(names):
+            return
+        if not self.tables(names) >= set(names):
+            with self._write() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK,))
+                for statement in ddl.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)  # type: ignore[call-overload]
+        self._tables.update(names)
+
+    # -- the log -----------------------------------------------------------------------
+    def append(self, envelopes: Sequence[Envelope]) -> list[int]:
+        with self._write() as cur:
+            return insert_log(cur, envelopes)
+
+    def read(self, after: int, limit: int = 500, *, upto: int | None = None,
+             interest: Interest | None = None) -> list[Envelope]:
+        where = "position > %s"
+        params: list[object] = [after]
+        if upto is not None:
+            where += " AND position <= %s"
+            params.append(upto)
+        if interest is not None:  # leave out, in SQL, what the reader does not want
+            wanted = ["type = ANY(%s)"]
+            params.append(sorted(interest.types))
+            if interest.failures:
+                wanted.append("outcome = 'failed'")
+            if interest.outcomes:
+                wanted.append("outcome IS NOT NULL")
+            if interest.known is not None:
+                wanted.append("NOT (type = ANY(%s))")
+                params.append(sorted(interest.known))
+            where += f" AND ({' OR '.join(wanted)})"
+        rows = self._query(f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT %s",
+                           (*params, limit))
+        return [_envelope(r) for r in rows]
+
+    def read_rows(self, after: int, limit: int = 500) -> list[Row]:
+        return self._query(
+            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > %s ORDER BY position LIMIT %s",
+            (after, limit))
+
+    def last_position(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(position), 0) FROM choreo_log")[0][0])
+
+    # -- wake-ups ------------------------------------------------------------------------
+    def _rung(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def _listen(self) -> bool:
+        """Make sure a connection LISTENs for this store's readers; whether one does."""
+        with self._changed:
+            if self._listener is not None and self._listener.is_alive():
+                return True
+            if time.monotonic() < self._listen_retry_at or self._closed:
+                return False
+        try:
+            conn = self._connect(listen=True)  # LISTEN before the reader's first look: no commit goes unseen
+        except Exception:
+            with self._changed:
+                self._listen_retry_at = time.monotonic() + 1.0
+            return False
+        with self._changed:
+            if self._closed or (self._listener is not None and self._listener.is_alive()):  # another thread won
+                conn.close()
+                return not self._closed
+            self._listener = _Listener(self, conn)
+            self._listener.start()
+        return True
+
+    def wait(self, after: int, timeout: float) -> bool:
+        if timeout <= 0:
+            return self.last_position() > after
+        deadline = time.monotonic() + timeout
+        listening = self._listen()
+        fallback = self.poll_interval or FALLBACK
+        while True:
+            with self._changed:
+                seen = self._generation
+            if self.last_position() > after:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
+                if self._generation == seen:
+                    self._changed.wait(min(left, fallback if listening else (self.poll_interval or POLL)))
+            if not listening or self._listener is None:
+                listening = self._listen()
+
+    # -- services and read models --------------------------------------------------------
+    def service(self, name: str) -> ServiceStore:
+        from choreo.stores._postgres_service import PostgresServiceStore
+
+        check_service_name(name)
+        with self._guard:
+            store = self._services.get(name)
+        if store is None:
+            store = PostgresServiceStore(self, name)
+            with self._guard:
+                self._services[name] = store
+        return store
+
+    def documents(self, name: str) -> DocumentStore:
+        from choreo.stores._postgres_documents import PostgresDocumentStore
+
+        check_service_name(name)
+        return PostgresDocumentStore(self, name)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._changed:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        with self._guard:
+            conns, self._connections = self._connections, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+
+def insert_log(cur: psycopg.Cursor[Any], envelopes: Sequence[Envelope]) -> list[int]:
+    """Append to the log inside the caller's transaction, as its last step; return the positions.
+
+    Takes the log's advisory lock (held until COMMIT) and queues the NOTIFY (sent at COMMIT).
+    """
+    if not envelopes:
+        return []
+    cur.execute(f"SELECT pg_advisory_xact_lock({LOG_LOCK}); NOTIFY {CHANNEL}")
+    cur.execute(_INSERT_LOG, (  # type: ignore[call-overload]
+        [e.event_id for e in envelopes], [e.type for e in envelopes], [e.version for e in envelopes],
+        [e.saga_id for e in envelopes], [e.causation_id for e in envelopes], [e.service for e in envelopes],
+        [e.step for e in envelopes], [e.outcome for e in envelopes],
+        [e.occurred_at.isoformat() for e in envelopes], [e.payload for e in envelopes],
+    ))
+    return sorted(r[0] for r in cur.fetchall())  # numbered in the envelopes' order
+
+
+class _Listener(threading.Thread):
+    """The thread that holds a store's LISTEN connection and wakes its readers on each notification."""
+
+    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
+        super().__init__(name=f"choreo-pg-listen-{store.database}", daemon=True)
+        self.store = store
+        self.conn = conn
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for _ in self.conn.notifies(timeout=0.5):
+                    self.store._rung()
+        except psycopg.Error:  # the connection broke (the server restarted): readers poll, then listen again
+            pass
+        finally:
+            self.conn.close()
+            with self.store._changed:
+                if self.store._listener is self:
+                    self.store._listener = None
+            self.store._rung()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
