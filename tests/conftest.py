@@ -27,9 +27,22 @@ def sqlite_store(db_path: Path) -> Iterator[SQLiteStore]:
     store.close()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]:
-    store = InMemoryStore() if request.param == "memory" else open_store(f"sqlite:///{db_path}")
+    if request.param == "memory":
+        store = InMemoryStore()
+    else:
+        url = request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
+        store = open_store(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]:
+    """A fresh store on SQLite, then on PostgreSQL (a database of the session's cluster)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
+    store = open_store(url)
     yield store
     store.close()
 
