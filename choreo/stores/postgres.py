@@ -275,25 +275,52 @@ class PostgresStore(LogStore):
         return StoreError(f"{where}: {text}")
 
     def _query(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Run a query outside any transaction (autocommit); return its rows."""
-        conn = self._conn()
-        try:
-            cur = conn.execute(query, params)  # type: ignore[call-overload]
-            return cur.fetchall() if cur.description is not None else []
-        except psycopg.Error as e:
-            if conn.broken or conn.closed:
-                self._forget(conn)
-            raise self._translate(e) from e
+        """Run a query outside any transaction (autocommit); return its rows.
+
+        A connection found broken (the server restarted since it was last used) is replaced
+        and the query run once more: a read can always be repeated.
+        """
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                cur = conn.execute(query, params)  # type: ignore[call-overload]
+                return cur.fetchall() if cur.description is not None else []
+            except psycopg.Error as e:
+                if conn.broken or conn.closed:
+                    self._forget(conn)
+                    if attempt == 1 and isinstance(e, psycopg.OperationalError):
+                        continue
+                raise self._translate(e) from e
+        raise AssertionError("unreachable")
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Cursor[Any]]:
-        """One transaction: committed if the block ends normally, rolled back if it raises."""
+        """One transaction: committed if the block ends normally, rolled back if it raises.
+
+        A connection found broken at BEGIN (nothing of the transaction was sent) is replaced once.
+        """
         if self.read_only:
             raise StoreError(f"{self.where}: opened read-only (create=False); nothing can be written")
-        conn = self._conn()
+        for attempt in (1, 2):
+            conn = self._conn()
+            transaction = conn.transaction()
+            try:
+                transaction.__enter__()
+                break
+            except psycopg.Error as e:
+                if conn.broken or conn.closed:
+                    self._forget(conn)
+                    if attempt == 1 and isinstance(e, psycopg.OperationalError):
+                        continue
+                raise self._translate(e) from e
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                yield cur
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            except BaseException as e:
+                transaction.__exit__(type(e), e, e.__traceback__)  # rolls back
+                raise
+            transaction.__exit__(None, None, None)  # commits
         except psycopg.Error as e:
             if conn.broken or conn.closed:
                 self._forget(conn)
