@@ -120,7 +120,7 @@ class PostgresCluster:
                 self.port = self.port if (self.port and attempt == 0) else free_port()
             options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                        f"-c max_connections={self.max_connections} -c fsync={'on' if self.fsync else 'off'} "
-                       f"-c synchronous_commit={'on' if self.fsync else 'off'} -c full_page_writes=off")
+                       f"-c synchronous_commit={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}")
             result = self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log_path),
                                "-o", options)
             if result.returncode == 0:

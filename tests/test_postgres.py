@@ -200,3 +200,17 @@ def test_a_waiting_reader_in_another_process_wakes_at_once(postgres_url: str) ->
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_without_the_server_binaries_the_cluster_and_the_benchmark_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    import choreo.pgcluster as pgcluster
+    from benchmarks import postgres as bench
+
+    monkeypatch.delenv("PG_BIN", raising=False)
+    monkeypatch.setattr(pgcluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(pgcluster.glob, "glob", lambda pattern: [])
+    with pytest.raises(pgcluster.PostgresUnavailable, match="apt-get install postgresql"):
+        pgcluster.PostgresCluster()
+    result = bench.measure(10, 2, sqlite={"sagas_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0})
+    assert "initdb" in result["skipped"]
+    assert bench.rows(result)[0][1] == "skipped"

@@ -22,10 +22,10 @@ from eventsourcing.persistence import StoredEvent
 from psycopg import errors
 
 from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
-from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreNotFound
+from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
 from choreo.events import Envelope
 from choreo.store import DeadLetter, ServiceStore, Tracking
-from choreo.stores.postgres import insert_log
+from choreo.stores.postgres import _appended, insert_log
 
 if TYPE_CHECKING:
     from choreo.stores.postgres import PostgresStore
@@ -120,45 +120,69 @@ class PostgresServiceStore(ServiceStore):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
     ) -> None:
-        """Write everything in one transaction (see `ServiceStore.commit`); the log's insert is its last step."""
-        try:
-            with self.store._write() as cur:
-                self._aggregate_events(cur, events)
-                self._letters_of(cur, parked, updated)
-                for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together
-                    self._deadlines_of(cur, status, list(run))
-                if handled and self.store.dedupe:
-                    cur.executemany(f"INSERT INTO {self._handled} VALUES (%s)", [(i,) for i in handled])
-                self._track(cur, tracking)
-                if emitted:
-                    try:
-                        insert_log(cur, emitted)
-                    except errors.UniqueViolation as e:
-                        if e.diag.table_name == "choreo_log":
-                            raise _IdTaken from e
-                        raise
-        except _IdTaken:  # rolled back: the ids found in the log now are those taken before
-            ids = [env.event_id for env in emitted]
-            twice = {i for i, n in Counter(ids).items() if n > 1}
-            in_log = {r[0] for r in self.store._query("SELECT event_id FROM choreo_log WHERE event_id = ANY(%s)",
-                                                      (ids,))}
-            taken = sorted(twice | in_log) or ["(unknown)"]
-            raise EventIdTaken(
-                f"{self.name}: emitted event id(s) {', '.join(map(repr, taken))} already in the log "
-                "for another event"
-            ) from None
+        """Write everything in one transaction (see `ServiceStore.commit`); the log's insert is its last step.
 
-    def _aggregate_events(self, cur: psycopg.Cursor[Any], events: Sequence[StoredEvent]) -> None:
-        if not events:
-            return
+        The statements go to the server in one pipeline: one round trip for all of them (their
+        results, checked before COMMIT: a tracking that did not move forward, a deadline not
+        scheduled), one for the COMMIT.
+        """
+        store = self.store
+        if store.read_only:
+            raise StoreError(f"{store.where}: opened read-only (create=False); nothing can be written")
+        conn = store._conn()
+        head = 0
         try:
-            cur.execute(
-                f"INSERT INTO {self._events} SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])",
-                ([e.originator_id for e in events], [e.originator_version for e in events],
-                 [e.topic for e in events], [e.state for e in events]))
+            with conn.pipeline() as pipe, conn.transaction():
+                cur = conn.cursor()
+                if events:
+                    cur.execute(
+                        f"INSERT INTO {self._events} "
+                        "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])",
+                        ([e.originator_id for e in events], [e.originator_version for e in events],
+                         [e.topic for e in events], [e.state for e in events]))
+                self._letters_of(cur, parked, updated)
+                checks = []
+                for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together
+                    checks += self._deadlines_of(conn, cur, status, list(run))
+                if handled and store.dedupe:
+                    cur.executemany(f"INSERT INTO {self._handled} VALUES (%s)", [(i,) for i in handled])
+                for source, position in tracking.items():
+                    track = conn.cursor()
+                    track.execute(
+                        f"INSERT INTO {self._tracking} AS t VALUES (%s, %s) ON CONFLICT (source) DO UPDATE SET "
+                        "position = EXCLUDED.position WHERE t.position < EXCLUDED.position RETURNING position",
+                        (source, position))
+                    checks.append((track, f"{self.name} already processed {source} past position {position}"))
+                if emitted:
+                    head = insert_log(conn.cursor(), emitted)[-1]  # fetching its positions sends the pipeline
+                else:
+                    pipe.sync()
+                for check, conflict in checks:
+                    if check.fetchone() is None:
+                        raise ConcurrencyConflict(conflict)
         except errors.UniqueViolation as e:
-            raise ConcurrencyConflict(f"{self.name}: an aggregate version was already recorded "
-                                      f"({e.diag.message_detail or e})") from e
+            if e.diag.table_name == "choreo_log":
+                raise self._id_taken(emitted) from None
+            if e.diag.table_name == self._events:
+                raise ConcurrencyConflict(f"{self.name}: an aggregate version was already recorded "
+                                          f"({e.diag.message_detail or e})") from e
+            raise store._translate(e) from e
+        except psycopg.Error as e:
+            if conn.broken or conn.closed:
+                store._forget(conn)
+            raise store._translate(e) from e
+        finally:
+            _appended.head = 0
+        store._rung(head)  # wake this process's readers (other processes' are woken by the notification)
+
+    def _id_taken(self, emitted: Sequence[Envelope]) -> EventIdTaken:
+        """The error for a commit rolled back because emitted ids were taken: the ids found in the log now."""
+        ids = [env.event_id for env in emitted]
+        twice = {i for i, n in Counter(ids).items() if n > 1}
+        in_log = {r[0] for r in self.store._query("SELECT event_id FROM choreo_log WHERE event_id = ANY(%s)", (ids,))}
+        taken = sorted(twice | in_log) or ["(unknown)"]
+        return EventIdTaken(f"{self.name}: emitted event id(s) {', '.join(map(repr, taken))} already in the log "
+                            "for another event")
 
     def _letters_of(self, cur: psycopg.Cursor[Any], parked: Sequence[DeadLetter],
                     updated: Sequence[DeadLetter]) -> None:
@@ -175,17 +199,9 @@ class PostgresServiceStore(ServiceStore):
                 "due_at = %s WHERE id = %s",
                 [(d.status, d.reason, d.error, d.attempts, d.last_failed_at, d.due_at, d.id) for d in updated])
 
-    def _track(self, cur: psycopg.Cursor[Any], tracking: Mapping[str, int]) -> None:
-        """Move tracking positions forward; raise `ConcurrencyConflict` if one would not move."""
-        for source, position in tracking.items():
-            cur.execute(
-                f"INSERT INTO {self._tracking} AS t VALUES (%s, %s) ON CONFLICT (source) "
-                "DO UPDATE SET position = EXCLUDED.position WHERE t.position < EXCLUDED.position RETURNING position",
-                (source, position))
-            if cur.fetchone() is None:
-                raise ConcurrencyConflict(f"{self.name} already processed {source} past position {position}")
-
-    def _deadlines_of(self, cur: psycopg.Cursor[Any], status: str, timers: list[Deadline]) -> None:
+    def _deadlines_of(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], status: str,
+                      timers: list[Deadline]) -> list[tuple[psycopg.Cursor[Any], str]]:
+        """Queue the deadline changes; return the checks (a cursor that must return a row, and the conflict if not)."""
         table = self._deadlines
         rows = [(t.id, t.name, t.saga_id, t.due_at, t.status, t.cause_event_id, t.cause_type, t.cause_version,
                  t.cause_payload) for t in timers]
@@ -202,10 +218,14 @@ class PostgresServiceStore(ServiceStore):
             cur.executemany(f"INSERT INTO {table} AS d {values} ON CONFLICT (id) "
                             "DO UPDATE SET status = 'cancelled' WHERE d.status = 'scheduled'", rows)
         else:
+            checks = []
             for t in timers:
-                cur.execute(f"UPDATE {table} SET status = %s WHERE id = %s AND status = 'scheduled'", (t.status, t.id))
-                if cur.rowcount != 1:
-                    raise ConcurrencyConflict(f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled")
+                fired = conn.cursor()
+                fired.execute(f"UPDATE {table} SET status = %s WHERE id = %s AND status = 'scheduled' RETURNING id",
+                              (t.status, t.id))
+                checks.append((fired, f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled"))
+            return checks
+        return []
 
     def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
         rows = self.store._query(
@@ -235,7 +255,3 @@ class PostgresServiceStore(ServiceStore):
             )
             for r in rows
         ]
-
-
-class _IdTaken(Exception):
-    """An emitted event's id is already in the log (raised inside a transaction, which rolls back)."""

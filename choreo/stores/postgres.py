@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -51,7 +51,9 @@ from psycopg import errors, sql
 
 from choreo.errors import ConcurrencyConflict, StoreError, StoreLocked, StoreNotFound, StoreURLError
 from choreo.events import Envelope
-from choreo.store import DocumentStore, Interest, LogStore, Row, ServiceStore, check_service_name
+from choreo.store import (
+    DocumentStore, Feed, Interest, LogStore, Row, ServiceStore, Tracking, _LogFeed, check_service_name,
+)
 from choreo.stores.sqlite import _envelope
 
 #: The advisory lock every transaction that appends to the log holds until it commits ("choreolg").
@@ -84,13 +86,17 @@ CREATE TABLE IF NOT EXISTS choreo_log (
     payload TEXT NOT NULL
 )
 """
-# numbered after the largest position visible once the lock is held (a new snapshot: READ COMMITTED)
+# numbered after the largest position visible once the lock is held (a new snapshot: READ COMMITTED); the
+# notification (sent at COMMIT) carries the schema and the new head of the log
 _INSERT_LOG = f"""
-INSERT INTO choreo_log ({_LOG_COLUMNS})
-SELECT (SELECT COALESCE(MAX(position), 0) FROM choreo_log) + n, e, t, v, s, c, sv, st, o, oc, p
-FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-            %s::text[], %s::text[]) WITH ORDINALITY AS x(e, t, v, s, c, sv, st, o, oc, p, n)
-RETURNING position
+WITH ins AS (
+    INSERT INTO choreo_log ({_LOG_COLUMNS})
+    SELECT (SELECT COALESCE(MAX(position), 0) FROM choreo_log) + n, e, t, v, s, c, sv, st, o, oc, p
+    FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                %s::text[], %s::text[]) WITH ORDINALITY AS x(e, t, v, s, c, sv, st, o, oc, p, n)
+    RETURNING position),
+note AS (SELECT pg_notify('{CHANNEL}', current_schema() || ':' || MAX(position)) FROM ins)
+SELECT position FROM ins, note
 """
 
 
@@ -170,6 +176,11 @@ class PostgresStore(LogStore):
         self._generation = 0  # counts the commits and notifications noticed by this process
         self._listener: _Listener | None = None
         self._listen_retry_at = 0.0
+        self._head = 0  # where the log is known to end (committed), from reads, commits and notifications
+        self._schema = ""  # the schema of the log (its notifications name it)
+        self._unsure = False  # a notification came that says nothing of where the log ends
+        self._epochs = 0  # listening connections started so far
+        self._head_epoch = 0  # the listening connection under which the log was seen ending at _head
         self._services: dict[str, ServiceStore] = {}
         self._tables: set[str] = set()  # tables known to exist (they are never dropped)
         self._closed = False
@@ -325,7 +336,10 @@ class PostgresStore(LogStore):
             if conn.broken or conn.closed:
                 self._forget(conn)
             raise self._translate(e) from e
-        self._rung()  # wake this process's readers (other processes' are woken by NOTIFY)
+        finally:
+            head, _appended.head = getattr(_appended, "head", 0), 0
+        # wake this process's readers (other processes' are woken by the notification)
+        self._rung(head)
 
     def tables(self, names: Collection[str]) -> set[str]:
         """Return those of the tables `names` that exist (in the connection's search path)."""
@@ -358,20 +372,23 @@ class PostgresStore(LogStore):
         if upto is not None:
             where += " AND position <= %s"
             params.append(upto)
-        if interest is not None:  # leave out, in SQL, what the reader does not want
-            wanted = ["type = ANY(%s)"]
-            params.append(sorted(interest.types))
-            if interest.failures:
-                wanted.append("outcome = 'failed'")
-            if interest.outcomes:
-                wanted.append("outcome IS NOT NULL")
-            if interest.known is not None:
-                wanted.append("NOT (type = ANY(%s))")
-                params.append(sorted(interest.known))
-            where += f" AND ({' OR '.join(wanted)})"
+        where += _wanted(interest, params)
         rows = self._query(f"SELECT {_LOG_COLUMNS} FROM choreo_log WHERE {where} ORDER BY position LIMIT %s",
                            (*params, limit))
         return [_envelope(r) for r in rows]
+
+    def _read_upto(self, after: int, limit: int, interest: Interest) -> tuple[int, list[Envelope]]:
+        """The head of the log and up to `limit` wanted events after `after` up to it, in one snapshot."""
+        params: list[object] = [after]
+        wanted = _wanted(interest, params)
+        epoch = self._live_epoch()
+        rows = self._query(
+            f"SELECT h.upto, l.* FROM (SELECT COALESCE(MAX(position), 0) AS upto FROM choreo_log) h "
+            f"LEFT JOIN LATERAL (SELECT {_LOG_COLUMNS} FROM choreo_log WHERE position > %s AND position <= h.upto"
+            f"{wanted} ORDER BY position LIMIT %s) l ON true", (*params, limit))
+        upto = int(rows[0][0])
+        self._seen_head(upto, epoch)
+        return upto, [_envelope(r[1:]) for r in rows if r[1] is not None]
 
     def read_rows(self, after: int, limit: int = 500) -> list[Row]:
         return self._query(
@@ -379,13 +396,40 @@ class PostgresStore(LogStore):
             (after, limit))
 
     def last_position(self) -> int:
-        return int(self._query("SELECT COALESCE(MAX(position), 0) FROM choreo_log")[0][0])
+        epoch = self._live_epoch()
+        head = int(self._query("SELECT COALESCE(MAX(position), 0) FROM choreo_log")[0][0])
+        self._seen_head(head, epoch)
+        return head
 
     # -- wake-ups ------------------------------------------------------------------------
-    def _rung(self) -> None:
+    def _live_epoch(self) -> int:
+        """The number of the listening connection if one listens now (0 if none): a commit after now notifies it."""
+        listener = self._listener
+        return listener.epoch if listener is not None and listener.is_alive() else 0
+
+    def _seen_head(self, head: int, epoch: int) -> None:
+        """Remember that a look at the log that began under listener `epoch` found it ending at `head`."""
         with self._changed:
+            if head >= self._head:
+                self._head, self._head_epoch = head, epoch
+
+    def _rung(self, head: int = 0, epoch: int = 0) -> None:
+        """Wake this process's waiting readers; `head`, if known, is where the log now ends."""
+        with self._changed:
+            if head > self._head:
+                self._head, self._head_epoch = head, epoch
             self._generation += 1
             self._changed.notify_all()
+
+    def _noticed(self, payload: str) -> None:
+        """A notification from a commit that appended: `schema:head`; anything else makes readers look."""
+        schema, _, head = payload.rpartition(":")
+        if schema == self._schema and head.isdigit():
+            self._rung(int(head), self._live_epoch())
+        elif not schema or not head.isdigit():  # not choreo's: look at the log
+            with self._changed:
+                self._unsure = True
+            self._rung()
 
     def _listen(self) -> bool:
         """Make sure a connection LISTENs for this store's readers; whether one does."""
@@ -396,6 +440,7 @@ class PostgresStore(LogStore):
                 return False
         try:
             conn = self._connect(listen=True)  # LISTEN before the reader's first look: no commit goes unseen
+            schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
         except Exception:
             with self._changed:
                 self._listen_retry_at = time.monotonic() + 1.0
@@ -404,29 +449,49 @@ class PostgresStore(LogStore):
             if self._closed or (self._listener is not None and self._listener.is_alive()):  # another thread won
                 conn.close()
                 return not self._closed
-            self._listener = _Listener(self, conn)
+            self._schema = schema
+            self._epochs += 1
+            self._listener = _Listener(self, conn, self._epochs)
             self._listener.start()
         return True
 
     def wait(self, after: int, timeout: float) -> bool:
+        """Block until the log has an event after `after`, or `timeout` seconds pass.
+
+        The reader looks at the log when it starts waiting and then only when a notification
+        it cannot read arrives or `poll_interval` passes: a notification says where the log ends.
+        """
+        if self._head > after:  # known committed
+            return True
         if timeout <= 0:
             return self.last_position() > after
         deadline = time.monotonic() + timeout
         listening = self._listen()
         fallback = self.poll_interval or FALLBACK
+        # no need to look if the log was last seen ending (at `after` or before) while this connection
+        # listened: every commit since has notified it
+        look = not (listening and self._head_epoch and self._head_epoch == self._live_epoch())
         while True:
             with self._changed:
                 seen = self._generation
-            if self.last_position() > after:
+                look = look or self._unsure
+                self._unsure = False
+            if self._head > after or (look and self.last_position() > after):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             with self._changed:
+                look = False
                 if self._generation == seen:
-                    self._changed.wait(min(left, fallback if listening else (self.poll_interval or POLL)))
+                    look = not self._changed.wait(min(left, fallback if listening else (self.poll_interval or POLL)))
             if not listening or self._listener is None:
                 listening = self._listen()
+                look = True
+
+    def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True,
+             interest: Interest | None = None) -> Feed:
+        return _PostgresFeed(self, tracking, interest)
 
     # -- services and read models --------------------------------------------------------
     def service(self, name: str) -> ServiceStore:
@@ -463,34 +528,55 @@ class PostgresStore(LogStore):
 def insert_log(cur: psycopg.Cursor[Any], envelopes: Sequence[Envelope]) -> list[int]:
     """Append to the log inside the caller's transaction, as its last step; return the positions.
 
-    Takes the log's advisory lock (held until COMMIT) and queues the NOTIFY (sent at COMMIT).
+    Takes the log's advisory lock (held until COMMIT) and queues the notification (sent at COMMIT).
     """
     if not envelopes:
         return []
-    cur.execute(f"SELECT pg_advisory_xact_lock({LOG_LOCK}); NOTIFY {CHANNEL}")
+    cur.execute(f"SELECT pg_advisory_xact_lock({LOG_LOCK})")
     cur.execute(_INSERT_LOG, (  # type: ignore[call-overload]
         [e.event_id for e in envelopes], [e.type for e in envelopes], [e.version for e in envelopes],
         [e.saga_id for e in envelopes], [e.causation_id for e in envelopes], [e.service for e in envelopes],
         [e.step for e in envelopes], [e.outcome for e in envelopes],
         [e.occurred_at.isoformat() for e in envelopes], [e.payload for e in envelopes],
     ))
-    return sorted(r[0] for r in cur.fetchall())  # numbered in the envelopes' order
+    positions = sorted(r[0] for r in cur.fetchall())  # numbered in the envelopes' order
+    _appended.head = positions[-1]  # the head once this transaction commits (see PostgresStore._write)
+    return positions
+
+
+_appended = threading.local()
+
+
+class _PostgresFeed(_LogFeed):
+    """The log's feed; a reader with an interest gets its batch and the head of the log in one query."""
+
+    store: PostgresStore
+
+    def _read(self, limit: int) -> list[Envelope]:
+        if self.interest is None:
+            return super()._read(limit)
+        upto, batch = self.store._read_upto(self.position, limit, self.interest)
+        # a short batch means every event up to `upto` (the end of the log when read) was looked at
+        self._at_head = len(batch) < limit
+        self.position = upto if self._at_head else batch[-1].position or self.position
+        return batch
 
 
 class _Listener(threading.Thread):
     """The thread that holds a store's LISTEN connection and wakes its readers on each notification."""
 
-    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any], epoch: int) -> None:
         super().__init__(name=f"choreo-pg-listen-{store.database}", daemon=True)
         self.store = store
         self.conn = conn
+        self.epoch = epoch
         self._stop = threading.Event()
 
     def run(self) -> None:
         try:
             while not self._stop.is_set():
-                for _ in self.conn.notifies(timeout=0.5):
-                    self.store._rung()
+                for note in self.conn.notifies(timeout=0.5):
+                    self.store._noticed(note.payload)
         except psycopg.Error:  # the connection broke (the server restarted): readers poll, then listen again
             pass
         finally:
@@ -502,6 +588,22 @@ class _Listener(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _wanted(interest: Interest | None, params: list[object]) -> str:
+    """The SQL condition (` AND (...)`, empty without an interest) that leaves out what a reader does not want."""
+    if interest is None:
+        return ""
+    wanted = ["type = ANY(%s)"]
+    params.append(sorted(interest.types))
+    if interest.failures:
+        wanted.append("outcome = 'failed'")
+    if interest.outcomes:
+        wanted.append("outcome IS NOT NULL")
+    if interest.known is not None:
+        wanted.append("NOT (type = ANY(%s))")
+        params.append(sorted(interest.known))
+    return f" AND ({' OR '.join(wanted)})"
 
 
 def _first_line(e: BaseException) -> str:
