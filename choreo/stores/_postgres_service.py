@@ -161,6 +161,7 @@ class PostgresServiceStore(ServiceStore):
                     if check.fetchone() is None:
                         raise ConcurrencyConflict(conflict)
         except errors.UniqueViolation as e:
+            store._unusable(conn)
             if e.diag.table_name == "choreo_log":
                 raise self._id_taken(emitted) from None
             if e.diag.table_name == self._events:
@@ -168,8 +169,7 @@ class PostgresServiceStore(ServiceStore):
                                           f"({e.diag.message_detail or e})") from e
             raise store._translate(e) from e
         except psycopg.Error as e:
-            if conn.broken or conn.closed:
-                store._forget(conn)
+            store._unusable(conn)
             raise store._translate(e) from e
         finally:
             _appended.head = 0

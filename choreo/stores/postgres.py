@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors, pq, sql
 
 from choreo.errors import ConcurrencyConflict, StoreError, StoreLocked, StoreNotFound, StoreURLError
 from choreo.events import Envelope
@@ -243,6 +243,18 @@ class PostgresStore(LogStore):
                 self._connections.append(conn)
         return conn
 
+    def _unusable(self, conn: psycopg.Connection[Any]) -> bool:
+        """After an error: whether `conn` cannot serve again (broken, or left inside a transaction or
+        pipeline); if so it is closed and forgotten, and the next call connects anew."""
+        try:
+            usable = (not conn.closed and not conn.broken and conn.pgconn.pipeline_status == pq.PipelineStatus.OFF
+                      and conn.info.transaction_status == pq.TransactionStatus.IDLE)
+        except psycopg.Error:
+            usable = False
+        if not usable:
+            self._forget(conn)
+        return not usable
+
     def _forget(self, conn: psycopg.Connection[Any]) -> None:
         with self._guard:
             if conn in self._connections:
@@ -297,10 +309,8 @@ class PostgresStore(LogStore):
                 cur = conn.execute(query, params)  # type: ignore[call-overload]
                 return cur.fetchall() if cur.description is not None else []
             except psycopg.Error as e:
-                if conn.broken or conn.closed:
-                    self._forget(conn)
-                    if attempt == 1 and isinstance(e, psycopg.OperationalError):
-                        continue
+                if self._unusable(conn) and attempt == 1 and isinstance(e, psycopg.OperationalError):
+                    continue
                 raise self._translate(e) from e
         raise AssertionError("unreachable")
 
@@ -319,10 +329,8 @@ class PostgresStore(LogStore):
                 transaction.__enter__()
                 break
             except psycopg.Error as e:
-                if conn.broken or conn.closed:
-                    self._forget(conn)
-                    if attempt == 1 and isinstance(e, psycopg.OperationalError):
-                        continue
+                if self._unusable(conn) and attempt == 1 and isinstance(e, psycopg.OperationalError):
+                    continue
                 raise self._translate(e) from e
         try:
             try:
@@ -333,8 +341,7 @@ class PostgresStore(LogStore):
                 raise
             transaction.__exit__(None, None, None)  # commits
         except psycopg.Error as e:
-            if conn.broken or conn.closed:
-                self._forget(conn)
+            self._unusable(conn)
             raise self._translate(e) from e
         finally:
             head, _appended.head = getattr(_appended, "head", 0), 0
