@@ -1,9 +1,9 @@
-# The image of the example services: choreo with its Kafka client.
+# The image of the example services: choreo with its Kafka and PostgreSQL clients.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY choreo ./choreo
 COPY services ./services
-RUN pip install --no-cache-dir ".[kafka]"
+RUN pip install --no-cache-dir ".[kafka,postgres]"
 ENV CHOREO_STATE=/state
 ENTRYPOINT ["choreo"]
