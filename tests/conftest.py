@@ -39,10 +39,15 @@ def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def durable_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]:
-    """A fresh store on SQLite, then on PostgreSQL (a database of the session's cluster)."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
-    store = open_store(url)
+def durable_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A fresh store's URL on SQLite, then on PostgreSQL (a new database of the session's cluster)."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def durable_store(durable_url: str) -> Iterator[object]:
+    """A fresh store on SQLite, then on PostgreSQL."""
+    store = open_store(durable_url)
     yield store
     store.close()
 
