@@ -116,9 +116,9 @@ def _check_existing(store_url: str, *, reset: bool) -> bool:
     try:
         with open_store(store_url, create=False) as store:
             found = foreign_data(store)
-    except StoreNotFound:  # e.g. a PostgreSQL database without choreo's tables: the demo creates them
-        return True
     except ChoreoError as e:  # e.g. a SQLite file that is not a choreo store
+        if isinstance(e, StoreNotFound) and store_url.startswith(("postgresql:", "postgres:")):
+            return True  # a database without choreo's tables: the demo creates them beside any others
         if isinstance(e, NotDemoData) or path is None:
             raise
         found = f"it is not a readable choreo store: {e}"

@@ -143,7 +143,7 @@ class PostgresDocumentStore(DocumentStore):
     def clear(self, meta: Mapping[str, Any] | None = None) -> None:
         with self._write() as cur:
             for table in self._all:
-                cur.execute(f"DELETE FROM {table}")  # type: ignore[call-overload]
+                cur.execute(f"DELETE FROM {table}")
             if meta:
                 cur.executemany(f"INSERT INTO {self._meta} VALUES (%s, %s)",
                                 [(k, orjson.dumps(v).decode()) for k, v in meta.items()])

@@ -306,7 +306,7 @@ class PostgresStore(LogStore):
         for attempt in (1, 2):
             conn = self._conn()
             try:
-                cur = conn.execute(query, params)  # type: ignore[call-overload]
+                cur = conn.execute(query, params)
                 return cur.fetchall() if cur.description is not None else []
             except psycopg.Error as e:
                 if self._unusable(conn) and attempt == 1 and isinstance(e, psycopg.OperationalError):
@@ -364,7 +364,7 @@ class PostgresStore(LogStore):
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK,))
                 for statement in ddl.split(";"):
                     if statement.strip():
-                        cur.execute(statement)  # type: ignore[call-overload]
+                        cur.execute(statement)
         self._tables.update(names)
 
     # -- the log -----------------------------------------------------------------------
@@ -540,7 +540,7 @@ def insert_log(cur: psycopg.Cursor[Any], envelopes: Sequence[Envelope]) -> list[
     if not envelopes:
         return []
     cur.execute(f"SELECT pg_advisory_xact_lock({LOG_LOCK})")
-    cur.execute(_INSERT_LOG, (  # type: ignore[call-overload]
+    cur.execute(_INSERT_LOG, (
         [e.event_id for e in envelopes], [e.type for e in envelopes], [e.version for e in envelopes],
         [e.saga_id for e in envelopes], [e.causation_id for e in envelopes], [e.service for e in envelopes],
         [e.step for e in envelopes], [e.outcome for e in envelopes],
