@@ -20,11 +20,10 @@ and never skips an event committed later. A transaction does everything else fir
 lock is held only for the insert and the COMMIT. A process that writes to the log without
 choreo must take the same lock.
 
-Wake-ups. A transaction that appends also runs `NOTIFY choreo_log` (delivered at COMMIT). A
-reader that waits (`wait()`) has the store LISTEN on a dedicated connection, whose thread wakes
-the readers of this process at once; they also look at the log every `poll_interval` seconds
-(1 s by default) in case a notification was lost with that connection. A commit in this
-process wakes this process's readers directly.
+Wake-ups. A transaction that appends also notifies the channel `choreo_log` (delivered at
+COMMIT) with the new end of the log; a reader that waits (`wait()`) has the store LISTEN on a
+dedicated connection, whose thread wakes the readers of this process at once. See
+`choreo.stores._postgres_wakeup`.
 
 Settings, in the URL's query (the others go to libpq, e.g. `sslmode`, `connect_timeout`):
 `durability=full|normal` (`synchronous_commit` on or off: off may lose the last commits if
@@ -40,7 +39,6 @@ is created when the store may create (the user needs CREATEDB); with `create=Fal
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -54,6 +52,7 @@ from choreo.events import Envelope
 from choreo.store import (
     DocumentStore, Feed, Interest, LogStore, Row, ServiceStore, Tracking, _LogFeed, check_service_name,
 )
+from choreo.stores._postgres_wakeup import Wakeups
 from choreo.stores.sqlite import _envelope
 
 #: The advisory lock every transaction that appends to the log holds until it commits ("choreolg").
@@ -62,10 +61,6 @@ LOG_LOCK = 0x63686F72656F6C67
 DDL_LOCK = 0x63686F72656F6464
 #: The channel a commit that appended to the log notifies.
 CHANNEL = "choreo_log"
-FALLBACK = 1.0
-"""Seconds between looks at the log while a reader waits and notifications work."""
-POLL = 0.01
-"""Seconds between looks at the log while they do not (the listening connection broke)."""
 
 _SETTINGS = {"durability", "lock_timeout", "poll_interval"}
 _DURABILITY = {"full": "on", "normal": "off"}
@@ -172,24 +167,19 @@ class PostgresStore(LogStore):
         self._local = threading.local()
         self._connections: list[psycopg.Connection[Any]] = []
         self._guard = threading.Lock()
-        self._changed = threading.Condition()
-        self._generation = 0  # counts the commits and notifications noticed by this process
-        self._listener: _Listener | None = None
-        self._listen_retry_at = 0.0
-        self._head = 0  # where the log is known to end (committed), from reads, commits and notifications
-        self._schema = ""  # the schema of the log (its notifications name it)
-        self._unsure = False  # a notification came that says nothing of where the log ends
-        self._epochs = 0  # listening connections started so far
-        self._head_epoch = 0  # the listening connection under which the log was seen ending at _head
+        self._wakeups = Wakeups(self, poll_interval=self.poll_interval, name=self.database)
         self._services: dict[str, ServiceStore] = {}
         self._tables: set[str] = set()  # tables known to exist (they are never dropped)
         self._closed = False
-        if self.read_only:
-            if not self.tables(["choreo_log"]):
-                self.close()
-                raise StoreNotFound(f"{self.where}: not a choreo store (it has no log); nothing was created")
-        else:
-            self.ensure_tables(["choreo_log"], _SCHEMA)
+        try:
+            if self.read_only:
+                if not self.tables(["choreo_log"]):
+                    raise StoreNotFound(f"{self.where}: not a choreo store (it has no log); nothing was created")
+            else:
+                self.ensure_tables(["choreo_log"], _SCHEMA)
+        except BaseException:
+            self.close()  # no connection left open behind a store that could not be opened
+            raise
 
     # -- connections, errors and transactions ------------------------------------------
     def _connect(self, *, listen: bool = False) -> psycopg.Connection[Any]:
@@ -388,13 +378,13 @@ class PostgresStore(LogStore):
         """The head of the log and up to `limit` wanted events after `after` up to it, in one snapshot."""
         params: list[object] = [after]
         wanted = _wanted(interest, params)
-        epoch = self._live_epoch()
+        epoch = self._wakeups.epoch()
         rows = self._query(
             f"SELECT h.upto, l.* FROM (SELECT COALESCE(MAX(position), 0) AS upto FROM choreo_log) h "
             f"LEFT JOIN LATERAL (SELECT {_LOG_COLUMNS} FROM choreo_log WHERE position > %s AND position <= h.upto"
             f"{wanted} ORDER BY position LIMIT %s) l ON true", (*params, limit))
         upto = int(rows[0][0])
-        self._seen_head(upto, epoch)
+        self._wakeups.seen(upto, epoch)
         return upto, [_envelope(r[1:]) for r in rows if r[1] is not None]
 
     def read_rows(self, after: int, limit: int = 500) -> list[Row]:
@@ -403,98 +393,18 @@ class PostgresStore(LogStore):
             (after, limit))
 
     def last_position(self) -> int:
-        epoch = self._live_epoch()
+        epoch = self._wakeups.epoch()
         head = int(self._query("SELECT COALESCE(MAX(position), 0) FROM choreo_log")[0][0])
-        self._seen_head(head, epoch)
+        self._wakeups.seen(head, epoch)
         return head
 
-    # -- wake-ups ------------------------------------------------------------------------
-    def _live_epoch(self) -> int:
-        """The number of the listening connection if one listens now (0 if none): a commit after now notifies it."""
-        listener = self._listener
-        return listener.epoch if listener is not None and listener.is_alive() else 0
-
-    def _seen_head(self, head: int, epoch: int) -> None:
-        """Remember that a look at the log that began under listener `epoch` found it ending at `head`."""
-        with self._changed:
-            if head >= self._head:
-                self._head, self._head_epoch = head, epoch
-
-    def _rung(self, head: int = 0, epoch: int = 0) -> None:
-        """Wake this process's waiting readers; `head`, if known, is where the log now ends."""
-        with self._changed:
-            if head > self._head:
-                self._head, self._head_epoch = head, epoch
-            self._generation += 1
-            self._changed.notify_all()
-
-    def _noticed(self, payload: str) -> None:
-        """A notification from a commit that appended: `schema:head`; anything else makes readers look."""
-        schema, _, head = payload.rpartition(":")
-        if schema == self._schema and head.isdigit():
-            self._rung(int(head), self._live_epoch())
-        elif not schema or not head.isdigit():  # not choreo's: look at the log
-            with self._changed:
-                self._unsure = True
-            self._rung()
-
-    def _listen(self) -> bool:
-        """Make sure a connection LISTENs for this store's readers; whether one does."""
-        with self._changed:
-            if self._listener is not None and self._listener.is_alive():
-                return True
-            if time.monotonic() < self._listen_retry_at or self._closed:
-                return False
-        try:
-            conn = self._connect(listen=True)  # LISTEN before the reader's first look: no commit goes unseen
-            schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
-        except Exception:
-            with self._changed:
-                self._listen_retry_at = time.monotonic() + 1.0
-            return False
-        with self._changed:
-            if self._closed or (self._listener is not None and self._listener.is_alive()):  # another thread won
-                conn.close()
-                return not self._closed
-            self._schema = schema
-            self._epochs += 1
-            self._listener = _Listener(self, conn, self._epochs)
-            self._listener.start()
-        return True
-
+    # -- wake-ups (see choreo.stores._postgres_wakeup) ----------------------------------
     def wait(self, after: int, timeout: float) -> bool:
-        """Block until the log has an event after `after`, or `timeout` seconds pass.
+        return self._wakeups.wait(after, timeout)
 
-        The reader looks at the log when it starts waiting and then only when a notification
-        it cannot read arrives or `poll_interval` passes: a notification says where the log ends.
-        """
-        if self._head > after:  # known committed
-            return True
-        if timeout <= 0:
-            return self.last_position() > after
-        deadline = time.monotonic() + timeout
-        listening = self._listen()
-        fallback = self.poll_interval or FALLBACK
-        # no need to look if the log was last seen ending (at `after` or before) while this connection
-        # listened: every commit since has notified it
-        look = not (listening and self._head_epoch and self._head_epoch == self._live_epoch())
-        while True:
-            with self._changed:
-                seen = self._generation
-                look = look or self._unsure
-                self._unsure = False
-            if self._head > after or (look and self.last_position() > after):
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            with self._changed:
-                look = False
-                if self._generation == seen:
-                    look = not self._changed.wait(min(left, fallback if listening else (self.poll_interval or POLL)))
-            if not listening or self._listener is None:
-                listening = self._listen()
-                look = True
+    def _rung(self, head: int = 0) -> None:
+        """Wake this process's waiting readers after a commit; `head`, if it appended, is where the log now ends."""
+        self._wakeups.rung(head)
 
     def feed(self, reader: str, tracking: Callable[[], Tracking], *, group: bool = True,
              interest: Interest | None = None) -> Feed:
@@ -521,10 +431,7 @@ class PostgresStore(LogStore):
 
     def close(self) -> None:
         self._closed = True
-        with self._changed:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.stop()
+        self._wakeups.close()
         with self._guard:
             conns, self._connections = self._connections, []
         for conn in conns:
@@ -567,34 +474,6 @@ class _PostgresFeed(_LogFeed):
         self._at_head = len(batch) < limit
         self.position = upto if self._at_head else batch[-1].position or self.position
         return batch
-
-
-class _Listener(threading.Thread):
-    """The thread that holds a store's LISTEN connection and wakes its readers on each notification."""
-
-    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any], epoch: int) -> None:
-        super().__init__(name=f"choreo-pg-listen-{store.database}", daemon=True)
-        self.store = store
-        self.conn = conn
-        self.epoch = epoch
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                for note in self.conn.notifies(timeout=0.5):
-                    self.store._noticed(note.payload)
-        except psycopg.Error:  # the connection broke (the server restarted): readers poll, then listen again
-            pass
-        finally:
-            self.conn.close()
-            with self.store._changed:
-                if self.store._listener is self:
-                    self.store._listener = None
-            self.store._rung()
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _wanted(interest: Interest | None, params: list[object]) -> str:
