@@ -1,8 +1,8 @@
 """The PostgreSQL event store: the log and every service's state in one database, shared by many hosts.
 
 `open_store("postgresql://user@host:5432/db")` (or `postgres://`) opens it. This module and
-its private helpers `_postgres_service` and `_postgres_documents` are the only ones that
-import psycopg (psycopg 3: `pip install choreo[postgres]`). Tables, created by the first
+its private helpers `_postgres_service`, `_postgres_documents` and `_postgres_wakeup` are the
+only ones that import psycopg (psycopg 3: `pip install choreo[postgres]`). Tables, created by the first
 store that writes (nothing is created by a store opened with `create=False`):
 
 - `choreo_log`: the shared log; `position` is the global order, gap-free.
