@@ -214,3 +214,33 @@ def test_without_the_server_binaries_the_cluster_and_the_benchmark_say_why(monke
     result = bench.measure(10, 2, sqlite={"sagas_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0})
     assert "initdb" in result["skipped"]
     assert bench.rows(result)[0][1] == "skipped"
+
+
+def test_a_reader_skips_what_the_notifications_say_it_does_not_want_without_asking(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from choreo.store import Interest
+
+    reader, writer = open_store(f"{postgres_url}?poll_interval=0.3"), open_store(postgres_url)
+    asked: list[int] = []
+    read_upto = reader._read_upto  # type: ignore[attr-defined]
+    monkeypatch.setattr(reader, "_read_upto", lambda after, *a: asked.append(after) or read_upto(after, *a))
+    feed = reader.feed("r", dict, interest=Interest(frozenset({"A"})))
+    try:
+        assert feed.poll(10, 0.2) == [] and feed.poll(10, 0.2) == []  # the second look is made while listening
+        asked.clear()
+        writer.append([envelope(type_="B"), envelope(type_="C")])
+        assert feed.poll(10, 2.0) == [] and asked == []  # told by the notification: nothing it wants
+        assert feed.position == 2 and feed.caught_up()  # type: ignore[attr-defined]
+        writer.append([envelope(type_="A")])
+        assert [e.type for e in feed.poll(10, 2.0)] == ["A"] and asked == [2]
+        # an append nobody notified (a foreign writer) leaves a gap in what the notifications say: it asks
+        with psycopg.connect(postgres_url, autocommit=True) as foreign, foreign.transaction():
+            foreign.execute("SELECT pg_advisory_xact_lock(%s)", (LOG_LOCK,))
+            foreign.execute("INSERT INTO choreo_log (position, event_id, type, version, service, occurred_at, payload) "
+                            "VALUES (4, 'foreign', 'A', 1, 'x', '2026-01-01T00:00:00+00:00', '{}')")
+        assert [e.event_id for e in feed.poll(10, 3.0)] == ["foreign"]
+    finally:
+        feed.close()
+        reader.close()
+        writer.close()

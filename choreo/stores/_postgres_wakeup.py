@@ -1,12 +1,19 @@
 """Wake-ups for the PostgreSQL store (see `choreo.stores.postgres`, which owns one `Wakeups`).
 
 - A transaction that appends to the log notifies the channel `choreo_log` at COMMIT, with
-  `<schema>:<new end of the log>` as payload.
+  `<first position>:<last position>:<flags>:<schema>` as payload, then the types it appended,
+  one a line (`*` if there are too many); flags `f`: one has the failed outcome, `o`: one has
+  an outcome.
 - A store whose readers wait LISTENs on one dedicated connection, held by a thread
   (`_Listener`) that wakes them at once. The payload tells them the log grew past their
   position, so they need not ask. A notification from another schema's log is ignored; one
   that choreo did not send makes them look.
 - A commit in this process wakes this process's readers directly.
+- A reader with an interest that has looked at the whole log while the current connection
+  listened skips, without asking the server, what the notifications since say it does not
+  want (the positions are gap-free, so notified ranges that follow each other up to the end
+  of the log cover every event since). Most commits concern one service: the others are not
+  sent a query each.
 - A reader looks at the log when it starts waiting, unless the log was last seen ending
   where it waits from by a read that began while the current connection listened (every
   commit since has notified that connection). Then it looks only every `poll_interval`
@@ -19,8 +26,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from choreo.store import Interest
 
 import psycopg
 
@@ -33,6 +43,8 @@ POLL = 0.01
 """Seconds between looks at the log while they do not (the listening connection broke)."""
 RETRY_AFTER = 1.0
 """Seconds before a store that could not listen tries again."""
+RANGES = 10_000
+"""How many notified appends a store remembers for its readers to skip by."""
 
 
 class Wakeups:
@@ -53,6 +65,8 @@ class Wakeups:
         self._epochs = 0  # listening connections started so far
         self._schema = ""  # the schema of the log (its notifications name it)
         self._unsure = False  # a notification came that says nothing of where the log ends
+        # what the notifications under the current listening connection said: (first, last, flags, types or None)
+        self._ranges: deque[tuple[int, int, str, frozenset[str] | None]] = deque(maxlen=RANGES)
 
     def epoch(self) -> int:
         """The number of the listening connection if one listens now (0 if none): a commit after now notifies it."""
@@ -73,15 +87,40 @@ class Wakeups:
             self._generation += 1
             self._changed.notify_all()
 
-    def noticed(self, payload: str) -> None:
-        """A notification on the channel: `schema:head` from a commit that appended."""
-        schema, _, head = payload.rpartition(":")
-        if schema == self._schema and head.isdigit():
-            self.rung(int(head), self.epoch())
-        elif not schema or not head.isdigit():  # not choreo's: look at the log
+    def noticed(self, payload: str, epoch: int) -> None:
+        """A notification on the channel, received by listener `epoch` (see the module's docstring)."""
+        header, _, lines = payload.partition("\n")
+        parts = header.split(":", 3)
+        if len(parts) < 4 or not (parts[0].isdigit() and parts[1].isdigit()):  # not choreo's: look at the log
             with self._changed:
                 self._unsure = True
             self.rung()
+            return
+        first, last, flags, schema = int(parts[0]), int(parts[1]), parts[2], parts[3]
+        if schema != self._schema:
+            return  # another schema's log
+        types = None if lines == "*" else frozenset(lines.split("\n"))
+        with self._changed:
+            if epoch == self._epochs:
+                self._ranges.append((first, last, flags, types))
+        self.rung(last, epoch)
+
+    def unwanted_until(self, position: int, interest: Interest) -> int | None:
+        """Where a reader at `position` may skip to, if the notifications since say that nothing up to the
+        end of the log is wanted; None if they do not (the reader asks the server).
+
+        Only for a reader that last reached the end of the log by a look that began while the current
+        connection listened: every commit since then has notified it.
+        """
+        with self._changed:
+            head = self._head
+            ranges = sorted(r for r in self._ranges if r[1] > position)
+        at = position
+        for first, last, flags, types in ranges:
+            if first != at + 1 or types is None or _wants(interest, types, flags):
+                return None
+            at = last
+        return at if at == head else None
 
     def _listen(self) -> bool:
         """Make sure a connection LISTENs for the readers; whether one does."""
@@ -107,6 +146,7 @@ class Wakeups:
                 return not self._closed
             self._schema = str(row[0]) if row else ""
             self._epochs += 1
+            self._ranges.clear()
             self._listener = _Listener(self, conn, self._epochs)
             self._listener.start()
         return True
@@ -171,7 +211,7 @@ class _Listener(threading.Thread):
         try:
             while not self._stop.is_set():
                 for note in self.conn.notifies(timeout=0.5):
-                    self.wakeups.noticed(note.payload)
+                    self.wakeups.noticed(note.payload, self.epoch)
         except psycopg.Error:  # the connection broke (the server restarted): readers poll, then listen again
             pass
         finally:
@@ -180,3 +220,9 @@ class _Listener(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _wants(interest: Interest, types: frozenset[str], flags: str) -> bool:
+    """Whether `interest` wants any of a batch of events with these types and outcome flags."""
+    return ((interest.failures and "f" in flags) or (interest.outcomes and "o" in flags)
+            or any(t in interest.types or (interest.known is not None and t not in interest.known) for t in types))

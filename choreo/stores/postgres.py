@@ -90,7 +90,8 @@ WITH ins AS (
     FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                 %s::text[], %s::text[]) WITH ORDINALITY AS x(e, t, v, s, c, sv, st, o, oc, p, n)
     RETURNING position),
-note AS (SELECT pg_notify('{CHANNEL}', current_schema() || ':' || MAX(position)) FROM ins)
+note AS (SELECT pg_notify('{CHANNEL}', MIN(position) || ':' || MAX(position) || ':' || %s || ':'
+                          || current_schema() || %s) FROM ins)
 SELECT position FROM ins, note
 """
 
@@ -451,7 +452,7 @@ def insert_log(cur: psycopg.Cursor[Any], envelopes: Sequence[Envelope]) -> list[
         [e.event_id for e in envelopes], [e.type for e in envelopes], [e.version for e in envelopes],
         [e.saga_id for e in envelopes], [e.causation_id for e in envelopes], [e.service for e in envelopes],
         [e.step for e in envelopes], [e.outcome for e in envelopes],
-        [e.occurred_at.isoformat() for e in envelopes], [e.payload for e in envelopes],
+        [e.occurred_at.isoformat() for e in envelopes], [e.payload for e in envelopes], *_note(envelopes),
     ))
     positions = sorted(r[0] for r in cur.fetchall())  # numbered in the envelopes' order
     _appended.head = positions[-1]  # the head once this transaction commits (see PostgresStore._write)
@@ -461,18 +462,42 @@ def insert_log(cur: psycopg.Cursor[Any], envelopes: Sequence[Envelope]) -> list[
 _appended = threading.local()
 
 
+def _note(envelopes: Sequence[Envelope]) -> tuple[str, str]:
+    """What the notification of an append says besides its positions and schema (see `_postgres_wakeup`):
+    its outcome flags ("f": a failure, "o": any outcome), and its types, one a line ("*" if too many)."""
+    flags = ("f" if any(e.outcome == "failed" for e in envelopes) else "") + (
+        "o" if any(e.outcome for e in envelopes) else "")
+    types = "\n".join(sorted({e.type for e in envelopes}))
+    return flags, "\n" + (types if len(types.encode()) < 6000 else "*")
+
+
 class _PostgresFeed(_LogFeed):
     """The log's feed; a reader with an interest gets its batch and the head of the log in one query."""
 
     store: PostgresStore
 
+    _epoch = 0  # the listening connection under which this reader last reached the end of the log
+
+    def rewind(self) -> None:
+        super().rewind()
+        self._epoch = 0
+
     def _read(self, limit: int) -> list[Envelope]:
         if self.interest is None:
             return super()._read(limit)
+        wakeups = self.store._wakeups
+        if self._at_head and self._epoch and self._epoch == wakeups.epoch():
+            # every commit since this reader's last look was notified: skip what they say it does not want
+            skip = wakeups.unwanted_until(self.position, self.interest)
+            if skip is not None:
+                self.position = skip
+                return []
+        epoch = wakeups.epoch()
         upto, batch = self.store._read_upto(self.position, limit, self.interest)
         # a short batch means every event up to `upto` (the end of the log when read) was looked at
         self._at_head = len(batch) < limit
         self.position = upto if self._at_head else batch[-1].position or self.position
+        self._epoch = epoch if self._at_head else 0
         return batch
 
 
