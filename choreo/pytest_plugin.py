@@ -5,7 +5,13 @@ Enable them in a `conftest.py` with `pytest_plugins = ["choreo.pytest_plugin"]`:
 - `kafka_broker` (session): a tansu broker on a free loopback port, stopped by PID at the end;
 - `kafka_url` (per test): a `kafka://` store URL with its own topic, groups and state folder;
 - `own_kafka_broker` (per test): a tansu broker for one test alone, for tests that stop it or
-  `restart()` it empty.
+  `restart()` it empty;
+- `postgres_server` (session): a throwaway PostgreSQL cluster (`choreo.pgcluster`) on a free
+  loopback port, its socket in its temporary folder, stopped by PID at the end;
+- `postgres_url` (per test): a `postgresql://` store URL of a fresh, empty database;
+- `own_postgres` (per test): a cluster for one test alone, for tests that `stop()` and `start()` it.
+
+The PostgreSQL fixtures skip the test, saying why, when the server binaries are not installed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from uuid import uuid4
 
 import pytest
 
+from choreo.pgcluster import PostgresCluster, PostgresUnavailable
 from choreo.tansu import TansuBroker
 
 
@@ -52,3 +59,30 @@ def own_kafka_broker() -> Iterator[TansuBroker]:
     with TansuBroker() as broker:
         yield broker
     gc.collect()
+
+
+def _cluster() -> PostgresCluster:
+    try:
+        return PostgresCluster()
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster for the whole test session (skips the test if PostgreSQL is not installed)."""
+    with _cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresCluster) -> str:
+    """A PostgreSQL store URL no other test shares (a fresh, empty database)."""
+    return postgres_server.url(postgres_server.create_database())
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster for this test alone: `stop()` it and `start()` it again without disturbing others."""
+    with _cluster() as cluster:
+        yield cluster

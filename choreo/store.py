@@ -15,7 +15,10 @@ several processes of one service split its work. The contract is four calls on
 argument of `commit()`, which the store checks in the commit's own transaction
 (`ClaimLost`, nothing written, if the replica no longer holds a segment). Lease expiry
 is measured on the store's clock, so replicas on hosts whose clocks differ agree.
-Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`.
+Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`
+(the PostgreSQL store does not implement it yet).
+
+Stores: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
 
 from __future__ import annotations
@@ -553,12 +556,15 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
     """Open the event store named by `url` (default: `$CHOREO_STORE` or `sqlite:///choreo.db`).
 
     Understood: `memory://`; `sqlite:///relative.db` and `sqlite:////absolute.db`, with
-    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`; and
-    `kafka://HOST:PORT[,HOST:PORT]` with the settings of `choreo.stores.kafka.KafkaSettings`.
+    optional query settings `durability=full|normal` and `lock_timeout=SECONDS`;
+    `postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (or `postgres://`), with the settings of
+    `choreo.stores.postgres` (`durability`, `lock_timeout`, `poll_interval`; the rest go to libpq;
+    needs `pip install choreo[postgres]`); and `kafka://HOST:PORT[,HOST:PORT]` with the settings of
+    `choreo.stores.kafka.KafkaSettings`.
 
     With `create=False` the store is opened to read only and nothing is created or
-    written: on SQLite a missing file raises `StoreNotFound` naming it, and so does
-    `service(name)` of a service without tables. A memory store is new either way. On
+    written: on SQLite a missing file raises `StoreNotFound` naming it (on PostgreSQL a missing
+    database, or one without choreo's log), and so does `service(name)` of a service without tables. A memory store is new either way. On
     Kafka the topic must exist and no topic, state folder or file is created.
     """
     url = url or os.environ.get("CHOREO_STORE") or DEFAULT_URL
@@ -585,6 +591,17 @@ def open_store(url: str | None = None, *, create: bool = True, **options: Any) -
         from choreo.stores.kafka import open_kafka
 
         return open_kafka(url, create=create, **options)
+    if parts.scheme in ("postgresql", "postgres"):
+        try:
+            from choreo.stores.postgres import PostgresStore
+        except ModuleNotFoundError as e:
+            if e.name not in ("psycopg", "psycopg_binary"):
+                raise
+            raise StoreURLError(
+                f"{parts.scheme}:// stores need psycopg 3: pip install 'choreo[postgres]' ({e})"
+            ) from None
+        return PostgresStore(url, **{**options, "create": create})
     raise StoreURLError(
-        f"unsupported store URL {url!r}: expected sqlite:///PATH, kafka://HOST:PORT or memory://"
+        f"unsupported store URL {url!r}: expected sqlite:///PATH, postgresql://USER@HOST:PORT/DATABASE, "
+        "kafka://HOST:PORT or memory://"
     )

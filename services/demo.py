@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from uuid import NAMESPACE_URL, uuid4, uuid5
 
 from choreo import ChoreoError, EventStore, Runner, SagaProjection, open_store
+from choreo.errors import StoreNotFound
 from choreo.operations import list_dead_letters
 from choreo.store import DEFAULT_URL
 from services import TARGETS, system
@@ -116,6 +117,8 @@ def _check_existing(store_url: str, *, reset: bool) -> bool:
         with open_store(store_url, create=False) as store:
             found = foreign_data(store)
     except ChoreoError as e:  # e.g. a SQLite file that is not a choreo store
+        if isinstance(e, StoreNotFound) and store_url.startswith(("postgresql:", "postgres:")):
+            return True  # a database without choreo's tables: the demo creates them beside any others
         if isinstance(e, NotDemoData) or path is None:
             raise
         found = f"it is not a readable choreo store: {e}"

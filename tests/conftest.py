@@ -27,9 +27,27 @@ def sqlite_store(db_path: Path) -> Iterator[SQLiteStore]:
     store.close()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[object]:
-    store = InMemoryStore() if request.param == "memory" else open_store(f"sqlite:///{db_path}")
+    if request.param == "memory":
+        store = InMemoryStore()
+    else:
+        url = request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
+        store = open_store(url)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A fresh store's URL on SQLite, then on PostgreSQL (a new database of the session's cluster)."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgres" else f"sqlite:///{db_path}"
+
+
+@pytest.fixture
+def durable_store(durable_url: str) -> Iterator[object]:
+    """A fresh store on SQLite, then on PostgreSQL."""
+    store = open_store(durable_url)
     yield store
     store.close()
 

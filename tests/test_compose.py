@@ -16,7 +16,25 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def choreo_services() -> dict[str, dict[str, object]]:
-    return {name: spec for name, spec in COMPOSE["services"].items() if name != "kafka"}
+    return {name: spec for name, spec in COMPOSE["services"].items() if spec.get("image") == "choreo-example"}
+
+
+def test_the_choreo_services_are_all_but_kafka_and_postgres() -> None:
+    assert set(COMPOSE["services"]) - set(choreo_services()) == {"kafka", "postgres"}
+
+
+def test_postgres_is_the_official_image_with_a_health_check_and_a_volume() -> None:
+    postgres = COMPOSE["services"]["postgres"]
+    assert postgres["image"].startswith("postgres:15")
+    assert "pg_isready" in postgres["healthcheck"]["test"][1]
+    assert postgres["volumes"] == ["postgres-data:/var/lib/postgresql/data"] and "postgres-data" in COMPOSE["volumes"]
+    env = postgres["environment"]
+    service_env = next(iter(choreo_services().values()))["environment"]
+    assert service_env["PGPASSWORD"] == env["POSTGRES_PASSWORD"]  # the services can log in
+    parser = build_parser()  # the store URL the header comment gives is one `choreo run` accepts
+    url = f"postgresql://{env['POSTGRES_USER']}@postgres:5432/{env['POSTGRES_DB']}"
+    assert url in (ROOT / "docker-compose.yml").read_text()
+    assert parser.parse_args(["run", "services.payment:service", "--store", url]).store == url
 
 
 def test_kafka_is_the_official_image_in_kraft_mode() -> None:
@@ -42,9 +60,9 @@ def test_every_command_is_a_valid_choreo_command(name: str) -> None:
     assert spec["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
-def test_the_image_installs_the_kafka_and_metrics_extras() -> None:
+def test_the_image_installs_the_kafka_postgres_and_metrics_extras() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert '".[kafka,metrics]"' in dockerfile and 'ENTRYPOINT ["choreo"]' in dockerfile
+    assert '".[kafka,postgres,metrics]"' in dockerfile and 'ENTRYPOINT ["choreo"]' in dockerfile
 
 
 def test_every_service_container_is_health_checked_on_its_metrics_port() -> None:

@@ -220,27 +220,27 @@ def test_compensation_is_correct_in_any_arrival_order_with_duplicates_while_saga
 # == 2. exactly-once effect (guarantee 1) ========================================================
 
 @pytest.mark.parametrize("variant", ["example-c1", "async-c64", "threads8"])
-def test_the_same_batch_delivered_again_changes_nothing(variant: str, sqlite_store: EventStore) -> None:
+def test_the_same_batch_delivered_again_changes_nothing(variant: str, durable_store: EventStore) -> None:
     kind, concurrency = VARIANTS[variant]
     rng = random.Random(variant)
     log, expected = arrival_log(rng)
     plain = [envelope(OrderPlaced(order_id=f"p{i}", customer_id="bob", sku=rng.choice(["widget", "gadget"]),
                                   quantity=1, amount=100, address="x"), f"p{i}") for i in range(20)]
-    sqlite_store.append(interleave([log, plain], rng))
+    durable_store.append(interleave([log, plain], rng))
     service = inventory_variant(kind, variant)
-    run(service, sqlite_store, concurrency=concurrency)
-    own = sqlite_store.service("inventory")
+    run(service, durable_store, concurrency=concurrency)
+    own = durable_store.service("inventory")
 
     def state() -> tuple[object, ...]:
         gadget = load_aggregate(own, inventory.StockItem, "gadget")
-        return sqlite_store.read(0, 10_000), widget_stock(sqlite_store), gadget and gadget.on_hand, \
+        return durable_store.read(0, 10_000), widget_stock(durable_store), gadget and gadget.on_hand, \
             own.dead_letters(None)
 
     before = state()
-    assert emitted(sqlite_store, "inventory").count("ItemsReserved") == 20 + 6  # 20 plain orders, 6 reserved first
-    again = Processor(service, sqlite_store, concurrency=concurrency)
+    assert emitted(durable_store, "inventory").count("ItemsReserved") == 20 + 6  # 20 plain orders, 6 reserved first
+    again = Processor(service, durable_store, concurrency=concurrency)
     again.tracking = {}  # deliver the whole log again, as after a lost acknowledgement
-    again.feed = sqlite_store.feed("inventory", dict)
+    again.feed = durable_store.feed("inventory", dict)
     try:
         again.run_until_idle()
     finally:
@@ -254,7 +254,7 @@ class Crash(BaseException):
 
 @pytest.mark.parametrize("mode", ["async-c64", "threads8"])
 def test_a_crash_before_a_concurrent_batch_commits_writes_nothing_and_the_rerun_takes_effect_once(
-    mode: str, sqlite_store: EventStore, monkeypatch: pytest.MonkeyPatch
+    mode: str, durable_store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wrap, options, popts = MODES[mode]
     probe = Probe()
@@ -271,10 +271,10 @@ def test_a_crash_before_a_concurrent_batch_commits_writes_nothing_and_the_rerun_
     service = Service("inventory", **options)
     service.step("reserve_inventory", on=OrderPlaced)(wrap(reserve))
     orders = [f"o{i}" for i in range(40)]
-    sqlite_store.append([envelope(OrderPlaced(order_id=o, customer_id="c", sku="widget", quantity=2, amount=1,
+    durable_store.append([envelope(OrderPlaced(order_id=o, customer_id="c", sku="widget", quantity=2, amount=1,
                                               address="x"), o) for o in orders])
-    log_before = sqlite_store.read(0, 10_000)
-    crashing = Processor(service, sqlite_store, **popts)
+    log_before = durable_store.read(0, 10_000)
+    crashing = Processor(service, durable_store, **popts)
     real_commit = crashing.own.commit
 
     def crash(**kwargs: object) -> None:
@@ -284,13 +284,13 @@ def test_a_crash_before_a_concurrent_batch_commits_writes_nothing_and_the_rerun_
     with pytest.raises(Crash):
         crashing.poll()
     crashing.close()
-    assert sqlite_store.read(0, 10_000) == log_before and widget_stock(sqlite_store) is None  # nothing written
+    assert durable_store.read(0, 10_000) == log_before and widget_stock(durable_store) is None  # nothing written
     monkeypatch.setattr(crashing.own, "commit", real_commit)
-    run(service, sqlite_store, **popts)  # the restarted service
+    run(service, durable_store, **popts)  # the restarted service
     assert probe.peak > 1
     assert all(probe.calls[o] >= 2 for o in orders)  # every handler ran again ...
-    assert emitted(sqlite_store, "inventory") == ["ItemsReserved"] * 40  # ... and took effect once
-    assert widget_stock(sqlite_store) == inventory.CATALOG["widget"] - 2 * 40
+    assert emitted(durable_store, "inventory") == ["ItemsReserved"] * 40  # ... and took effect once
+    assert widget_stock(durable_store) == inventory.CATALOG["widget"] - 2 * 40
 
 
 # == 3. each saga in log order while sagas interleave (guarantees 4, 10) ==========================

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 from freezegun import freeze_time
 
@@ -24,8 +23,8 @@ def timeouts(store) -> list[str]:  # type: ignore[no-untyped-def]
     return [e.event_id for batch in store.scan() for e in batch if e.type == "OrderTimedOut"]
 
 
-def test_fires_once_at_its_time_and_the_saga_compensates(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path}/d.db")
+def test_fires_once_at_its_time_and_the_saga_compensates(durable_url: str) -> None:
+    store = open_store(durable_url)
     with freeze_time("2026-03-01 12:00:00") as frozen:
         runner = Runner(system, store, services=ALL_BUT_SHIPPING)  # shipping is down: the saga stalls
         saga = runner.start(placed())
@@ -47,8 +46,8 @@ def test_fires_once_at_its_time_and_the_saga_compensates(tmp_path: Path) -> None
     store.close()
 
 
-def test_does_not_fire_after_the_saga_ended(tmp_path: Path) -> None:
-    store = open_store(f"sqlite:///{tmp_path}/d.db")
+def test_does_not_fire_after_the_saga_ended(durable_url: str) -> None:
+    store = open_store(durable_url)
     with freeze_time("2026-03-01 12:00:00") as frozen:
         runner = Runner(system, store)
         saga = runner.start(placed())
@@ -61,8 +60,8 @@ def test_does_not_fire_after_the_saga_ended(tmp_path: Path) -> None:
     store.close()
 
 
-def test_fires_late_after_a_restart_past_its_time(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/d.db"
+def test_fires_late_after_a_restart_past_its_time(durable_url: str) -> None:
+    url = durable_url
     with freeze_time("2026-03-01 12:00:00") as frozen:
         store = open_store(url)
         runner = Runner(system, store, services=ALL_BUT_SHIPPING)

@@ -96,9 +96,9 @@ def replace_step(monkeypatch: pytest.MonkeyPatch, fn) -> None:  # type: ignore[n
 
 
 def test_a_parked_event_waits_while_other_sagas_complete_then_retry_completes_it(
-    tmp_path: Path, broken_shipping: dict[str, bool]
+    durable_url: str, broken_shipping: dict[str, bool]
 ) -> None:
-    store = open_store(f"sqlite:///{tmp_path}/retry.db")
+    store = open_store(durable_url)
     runner = Runner(system, store)
     stuck = runner.start(order(0))
     others = [runner.start(order(i)) for i in range(1, 6)]
@@ -129,9 +129,9 @@ def test_a_parked_event_waits_while_other_sagas_complete_then_retry_completes_it
 
 
 def test_compensate_goes_ahead_of_a_parked_trigger_and_skips_it(
-    tmp_path: Path, broken_shipping: dict[str, bool]
+    durable_url: str, broken_shipping: dict[str, bool]
 ) -> None:
-    store = open_store(f"sqlite:///{tmp_path}/skip.db")
+    store = open_store(durable_url)
     runner = Runner(system, store)
     stuck = runner.start(order(0))
     runner.run_until_idle()
@@ -177,8 +177,9 @@ def test_a_business_failure_compensates_and_is_not_retried(tmp_path: Path, monke
     store.close()
 
 
-def test_the_dlq_commands(tmp_path: Path, broken_shipping: dict[str, bool], capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"sqlite:///{tmp_path}/cli.db"
+def test_the_dlq_commands(durable_url: str, broken_shipping: dict[str, bool],
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    url = durable_url
     store = open_store(url)
     runner = Runner(system, store)
     stuck = runner.start(order(0))

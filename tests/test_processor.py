@@ -68,9 +68,12 @@ def test_compensation_is_correct_in_any_arrival_order_with_duplicates(arrival: t
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 500])
-def test_interleavings_hold_on_sqlite_in_one_batch_or_many(batch_size: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_interleavings_hold_on_a_durable_store_in_one_batch_or_many(kind: str, batch_size: int, tmp_path,  # type: ignore[no-untyped-def]
+                                                                   request: pytest.FixtureRequest) -> None:
+    cluster = request.getfixturevalue("postgres_server") if kind == "postgres" else None
     for n, arrival in enumerate(ARRIVALS):
-        store = open_store(f"sqlite:///{tmp_path}/i{n}.db")
+        store = open_store(cluster.url(cluster.create_database()) if cluster else f"sqlite:///{tmp_path}/i{n}.db")
         store.append([trigger() if a == "trigger" else failure() for a in arrival])
         Processor(inventory.service, store, batch_size=batch_size).run_until_idle()
         emitted = types(store, "inventory")
@@ -97,17 +100,17 @@ def test_failure_from_a_later_step_compensates_every_earlier_participant() -> No
     assert wallet is not None and wallet.balance == payment.RICH
 
 
-def test_redelivery_of_a_processed_batch_changes_nothing(sqlite_store) -> None:  # type: ignore[no-untyped-def]
-    sqlite_store.append([trigger()])
-    first = Processor(inventory.service, sqlite_store)
+def test_redelivery_of_a_processed_batch_changes_nothing(durable_store) -> None:  # type: ignore[no-untyped-def]
+    durable_store.append([trigger()])
+    first = Processor(inventory.service, durable_store)
     first.run_until_idle()
-    before = (sqlite_store.read(0, 100), stock(sqlite_store))
-    again = Processor(inventory.service, sqlite_store)
+    before = (durable_store.read(0, 100), stock(durable_store))
+    again = Processor(inventory.service, durable_store)
     again.tracking = {}  # deliver everything again, as after a lost acknowledgement
-    again.feed = sqlite_store.feed("inventory", dict)
+    again.feed = durable_store.feed("inventory", dict)
     again.run_until_idle()
-    assert (sqlite_store.read(0, 100), stock(sqlite_store)) == before
-    assert again.tracking == sqlite_store.service("inventory").tracking() == {"log": 2}
+    assert (durable_store.read(0, 100), stock(durable_store)) == before
+    assert again.tracking == durable_store.service("inventory").tracking() == {"log": 2}
 
 
 def test_the_same_trigger_delivered_under_a_new_id_runs_the_step_once(any_store: EventStore) -> None:
@@ -121,8 +124,8 @@ class Crash(BaseException):
     """Stands for the process dying between the handler and the commit."""
 
 
-def test_a_crash_between_handler_and_commit_reruns_the_handler_once(sqlite_store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    sqlite_store.append([trigger()])
+def test_a_crash_between_handler_and_commit_reruns_the_handler_once(durable_store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    durable_store.append([trigger()])
     calls = []
     real_reserve = inventory.service.steps["reserve_inventory"].fn
 
@@ -135,7 +138,7 @@ def test_a_crash_between_handler_and_commit_reruns_the_handler_once(sqlite_store
         inventory.service.steps["reserve_inventory"].__class__("step", counting, OrderPlaced, "reserve_inventory"),
     )
     monkeypatch.setitem(inventory.service.handlers, "OrderPlaced", [inventory.service.steps["reserve_inventory"]])
-    crashing = Processor(inventory.service, sqlite_store)
+    crashing = Processor(inventory.service, durable_store)
     real_commit = crashing.own.commit
 
     def crash(**kwargs):  # type: ignore[no-untyped-def]
@@ -144,12 +147,12 @@ def test_a_crash_between_handler_and_commit_reruns_the_handler_once(sqlite_store
     monkeypatch.setattr(crashing.own, "commit", crash)
     with pytest.raises(Crash):
         crashing.poll()
-    assert sqlite_store.read(0, 10) == sqlite_store.read(0, 1)  # nothing was written
+    assert durable_store.read(0, 10) == durable_store.read(0, 1)  # nothing was written
     monkeypatch.setattr(crashing.own, "commit", real_commit)
-    Processor(inventory.service, sqlite_store).run_until_idle()  # the restarted service
+    Processor(inventory.service, durable_store).run_until_idle()  # the restarted service
     assert calls == ["o-1", "o-1"]
-    assert types(sqlite_store, "inventory") == ["ItemsReserved"]
-    assert stock(sqlite_store) == inventory.CATALOG["widget"] - 3
+    assert types(durable_store, "inventory") == ["ItemsReserved"]
+    assert stock(durable_store) == inventory.CATALOG["widget"] - 3
 
 
 def test_undecodable_events_are_parked_and_other_sagas_flow(any_store: EventStore) -> None:

@@ -136,16 +136,16 @@ def test_stuck_sagas_are_found_against_the_clock() -> None:
         assert projection.list(SagaFilter(stuck_for=timedelta(minutes=10))) == []
 
 
-def test_the_projection_resumes_and_never_double_counts(sqlite_store: EventStore) -> None:
+def test_the_projection_resumes_and_never_double_counts(durable_store: EventStore) -> None:
     from choreo import Runner
 
-    runner = Runner(services.system, sqlite_store)
+    runner = Runner(services.system, durable_store)
     for saga_id, order, _, _ in plan(20, 3):
         runner.start(order, saga_id=saga_id)
-    first = SagaProjection(sqlite_store, sagas=services.system.sagas)
+    first = SagaProjection(durable_store, sagas=services.system.sagas)
     first.update()
     runner.run_until_idle()
-    again = SagaProjection(sqlite_store, sagas=services.system.sagas)  # a restart
+    again = SagaProjection(durable_store, sagas=services.system.sagas)  # a restart
     again.update()
     assert sum(again.counts().values()) == 20
     built = snapshot(again.documents)

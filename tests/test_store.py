@@ -29,7 +29,7 @@ class TestSQLiteStore(LogStoreContract):
 @pytest.mark.parametrize(
     "url, match",
     [
-        ("postgres://localhost/db", "unsupported store URL"),
+        ("mysql://localhost/db", "unsupported store URL"),
         ("sqlite:///x.db?speed=max", "unknown setting"),
         ("sqlite:///x.db?durability=reckless", "unknown durability"),
         ("sqlite:///x.db?lock_timeout=soon", "lock_timeout"),

@@ -1,0 +1,257 @@
+"""A service's private state in the PostgreSQL store (see `choreo.stores.postgres`, which opens it).
+
+Tables, as in the SQLite store: `svc_<name>_events` (aggregate events), `_tracking`,
+`_dead_letters` (with `status` and, for a scheduled retry, `due_at`), `_handled` (ids of
+handled events, only with `dedupe`) and `_deadlines`. `commit()` writes all of a handler's
+effects in one transaction; the log's insert comes last, so the log's lock is held only for
+it and the COMMIT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from itertools import groupby
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+from eventsourcing.persistence import StoredEvent
+from psycopg import errors
+
+from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
+from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
+from choreo.events import Envelope
+from choreo.store import DeadLetter, ServiceStore, Tracking
+from choreo.stores.postgres import _appended, insert_log
+
+if TYPE_CHECKING:
+    from choreo.stores.postgres import PostgresStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS svc_{name}_events (
+    originator_id UUID NOT NULL, originator_version BIGINT NOT NULL, topic TEXT NOT NULL, state BYTEA NOT NULL,
+    PRIMARY KEY (originator_id, originator_version));
+CREATE TABLE IF NOT EXISTS svc_{name}_tracking (source TEXT PRIMARY KEY, position BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS svc_{name}_dead_letters (
+    id BIGSERIAL PRIMARY KEY,
+    position BIGINT NOT NULL, event_id TEXT, saga_id TEXT, type TEXT,
+    reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
+    first_failed_at TIMESTAMPTZ NOT NULL, last_failed_at TIMESTAMPTZ NOT NULL,
+    envelope TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'parked', due_at TIMESTAMPTZ);
+CREATE INDEX IF NOT EXISTS svc_{name}_dead_letters_status ON svc_{name}_dead_letters (status, due_at);
+CREATE TABLE IF NOT EXISTS svc_{name}_handled (event_id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, saga_id TEXT NOT NULL, due_at TIMESTAMPTZ NOT NULL,
+    status TEXT NOT NULL, cause_event_id TEXT NOT NULL, cause_type TEXT NOT NULL,
+    cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
+CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id)
+"""
+_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
+_LETTER_COLUMNS = ("id, position, event_id, saga_id, type, reason, error, attempts, first_failed_at, "
+                   "last_failed_at, envelope, status, due_at")
+_DEADLINE_COLUMNS = "id, name, saga_id, due_at, status, cause_event_id, cause_type, cause_version, cause_payload"
+
+
+class PostgresServiceStore(ServiceStore):
+    """One service's tables; created when the service is first opened by a store that may create."""
+
+    def __init__(self, store: PostgresStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._events = f"svc_{name}_events"
+        self._tracking = f"svc_{name}_tracking"
+        self._dead = f"svc_{name}_dead_letters"
+        self._handled = f"svc_{name}_handled"
+        self._deadlines = f"svc_{name}_deadlines"
+        wanted = [f"svc_{name}_{table}" for table in _TABLES]
+        if store.read_only:
+            missing = sorted(set(wanted) - store.tables(wanted))
+            if len(missing) == len(wanted):
+                raise StoreNotFound(f"no service {name!r} in {store.where}")
+            if missing:
+                raise StoreNotFound(f"service {name!r} in {store.where} lacks table(s) {', '.join(missing)}")
+        else:
+            store.ensure_tables(wanted, _SCHEMA.format(name=name))
+
+    def load(self, aggregate_id: UUID) -> list[StoredEvent]:
+        rows = self.store._query(
+            f"SELECT originator_version, topic, state FROM {self._events} WHERE originator_id = %s "
+            "ORDER BY originator_version", (aggregate_id,))
+        return [StoredEvent(aggregate_id, r[0], r[1], bytes(r[2])) for r in rows]
+
+    def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
+        found: dict[UUID, list[StoredEvent]] = {i: [] for i in aggregate_ids}
+        if not found:
+            return found
+        rows = self.store._query(
+            f"SELECT originator_id, originator_version, topic, state FROM {self._events} "
+            "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version", (list(found),))
+        for r in rows:
+            found[r[0]].append(StoredEvent(r[0], r[1], r[2], bytes(r[3])))
+        return found
+
+    def tracking(self) -> Tracking:
+        return dict(self.store._query(f"SELECT source, position FROM {self._tracking}"))
+
+    def set_tracking(self, tracking: Mapping[str, int]) -> None:
+        with self.store._write() as cur:
+            cur.executemany(
+                f"INSERT INTO {self._tracking} VALUES (%s, %s) ON CONFLICT (source) "
+                "DO UPDATE SET position = EXCLUDED.position", list(tracking.items()))
+
+    def seen(self, event_ids: Sequence[str]) -> set[str]:
+        if not self.store.dedupe or not event_ids:
+            return set()
+        rows = self.store._query(f"SELECT event_id FROM {self._handled} WHERE event_id = ANY(%s)", (list(event_ids),))
+        return {r[0] for r in rows}
+
+    def commit(
+        self,
+        *,
+        events: Sequence[StoredEvent],
+        emitted: Sequence[Envelope],
+        tracking: Mapping[str, int],
+        parked: Sequence[DeadLetter] = (),
+        handled: Sequence[str] = (),
+        updated: Sequence[DeadLetter] = (),
+        deadlines: Sequence[Deadline] = (),
+    ) -> None:
+        """Write everything in one transaction (see `ServiceStore.commit`); the log's insert is its last step.
+
+        The statements go to the server in one pipeline: one round trip for all of them (their
+        results, checked before COMMIT: a tracking that did not move forward, a deadline not
+        scheduled), one for the COMMIT.
+        """
+        store = self.store
+        if store.read_only:
+            raise StoreError(f"{store.where}: opened read-only (create=False); nothing can be written")
+        conn = store._conn()
+        head = 0
+        try:
+            with conn.pipeline() as pipe, conn.transaction():
+                cur = conn.cursor()
+                if events:
+                    cur.execute(
+                        f"INSERT INTO {self._events} "
+                        "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])",
+                        ([e.originator_id for e in events], [e.originator_version for e in events],
+                         [e.topic for e in events], [e.state for e in events]))
+                self._letters_of(cur, parked, updated)
+                checks = []
+                for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together
+                    checks += self._deadlines_of(conn, cur, status, list(run))
+                if handled and store.dedupe:
+                    cur.executemany(f"INSERT INTO {self._handled} VALUES (%s)", [(i,) for i in handled])
+                for source, position in tracking.items():
+                    track = conn.cursor()
+                    track.execute(
+                        f"INSERT INTO {self._tracking} AS t VALUES (%s, %s) ON CONFLICT (source) DO UPDATE SET "
+                        "position = EXCLUDED.position WHERE t.position < EXCLUDED.position RETURNING position",
+                        (source, position))
+                    checks.append((track, f"{self.name} already processed {source} past position {position}"))
+                if emitted:
+                    head = insert_log(conn.cursor(), emitted)[-1]  # fetching its positions sends the pipeline
+                else:
+                    pipe.sync()
+                for check, conflict in checks:
+                    if check.fetchone() is None:
+                        raise ConcurrencyConflict(conflict)
+        except errors.UniqueViolation as e:
+            store._unusable(conn)
+            if e.diag.table_name == "choreo_log":
+                raise self._id_taken(emitted) from None
+            if e.diag.table_name == self._events:
+                raise ConcurrencyConflict(f"{self.name}: an aggregate version was already recorded "
+                                          f"({e.diag.message_detail or e})") from e
+            raise store._translate(e) from e
+        except psycopg.Error as e:
+            store._unusable(conn)
+            raise store._translate(e) from e
+        finally:
+            _appended.head = 0
+        store._rung(head)  # wake this process's readers (other processes' are woken by the notification)
+
+    def _id_taken(self, emitted: Sequence[Envelope]) -> EventIdTaken:
+        """The error for a commit rolled back because emitted ids were taken: the ids found in the log now."""
+        ids = [env.event_id for env in emitted]
+        twice = {i for i, n in Counter(ids).items() if n > 1}
+        in_log = {r[0] for r in self.store._query("SELECT event_id FROM choreo_log WHERE event_id = ANY(%s)", (ids,))}
+        taken = sorted(twice | in_log) or ["(unknown)"]
+        return EventIdTaken(f"{self.name}: emitted event id(s) {', '.join(map(repr, taken))} already in the log "
+                            "for another event")
+
+    def _letters_of(self, cur: psycopg.Cursor[Any], parked: Sequence[DeadLetter],
+                    updated: Sequence[DeadLetter]) -> None:
+        if parked:
+            cur.executemany(
+                f"INSERT INTO {self._dead} (position, event_id, saga_id, type, reason, error, attempts, "
+                "first_failed_at, last_failed_at, envelope, status, due_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(d.position, d.event_id, d.saga_id, d.type, d.reason, d.error, d.attempts, d.first_failed_at,
+                  d.last_failed_at, json.dumps(d.envelope), d.status, d.due_at) for d in parked])
+        if updated:
+            cur.executemany(
+                f"UPDATE {self._dead} SET status = %s, reason = %s, error = %s, attempts = %s, last_failed_at = %s, "
+                "due_at = %s WHERE id = %s",
+                [(d.status, d.reason, d.error, d.attempts, d.last_failed_at, d.due_at, d.id) for d in updated])
+
+    def _deadlines_of(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], status: str,
+                      timers: list[Deadline]) -> list[tuple[psycopg.Cursor[Any], str]]:
+        """Queue the deadline changes; return the checks (a cursor that must return a row, and the conflict if not)."""
+        table = self._deadlines
+        rows = [(t.id, t.name, t.saga_id, t.due_at, t.status, t.cause_event_id, t.cause_type, t.cause_version,
+                 t.cause_payload) for t in timers]
+        values = "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        if status == SCHEDULED:
+            cur.executemany(f"INSERT INTO {table} {values} ON CONFLICT (id) DO NOTHING", rows)
+        elif status == SAGA_ENDED:  # the saga ended: whatever of it is still scheduled is cancelled
+            cur.executemany(f"UPDATE {table} SET status = 'cancelled' WHERE saga_id = %s AND status = 'scheduled'",
+                            [(t.saga_id,) for t in timers])
+        elif status == RESCHEDULED:
+            cur.executemany(f"UPDATE {table} SET due_at = %s WHERE id = %s AND status = 'scheduled'",
+                            [(t.due_at, t.id) for t in timers])
+        elif status == CANCELLED:
+            cur.executemany(f"INSERT INTO {table} AS d {values} ON CONFLICT (id) "
+                            "DO UPDATE SET status = 'cancelled' WHERE d.status = 'scheduled'", rows)
+        else:
+            checks = []
+            for t in timers:
+                fired = conn.cursor()
+                fired.execute(f"UPDATE {table} SET status = %s WHERE id = %s AND status = 'scheduled' RETURNING id",
+                              (t.status, t.id))
+                checks.append((fired, f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled"))
+            return checks
+        return []
+
+    def due_deadlines(self, now: datetime, limit: int = 100) -> list[Deadline]:
+        rows = self.store._query(
+            f"SELECT {_DEADLINE_COLUMNS} FROM {self._deadlines} WHERE status = 'scheduled' AND due_at <= %s "
+            "ORDER BY due_at, id LIMIT %s", (now, limit))
+        return [
+            Deadline(id=r[0], service=self.name, name=r[1], saga_id=r[2], due_at=r[3], status=r[4],
+                     cause_event_id=r[5], cause_type=r[6], cause_version=r[7], cause_payload=r[8])
+            for r in rows
+        ]
+
+    def dead_letters(self, status: str | None = "parked") -> list[DeadLetter]:
+        if status is None:
+            return self._letters("ORDER BY id", ())
+        return self._letters("WHERE status = %s ORDER BY id", (status,))
+
+    def due_retries(self, now: datetime, limit: int = 100) -> list[DeadLetter]:
+        return self._letters("WHERE status = 'retrying' AND due_at <= %s ORDER BY due_at, id LIMIT %s", (now, limit))
+
+    def _letters(self, where: str, params: tuple[Any, ...]) -> list[DeadLetter]:
+        rows = self.store._query(f"SELECT {_LETTER_COLUMNS} FROM {self._dead} {where}", params)
+        return [
+            DeadLetter(
+                id=r[0], position=r[1], event_id=r[2], saga_id=r[3], type=r[4], reason=r[5], error=r[6],
+                attempts=r[7], first_failed_at=r[8], last_failed_at=r[9], envelope=json.loads(r[10]), status=r[11],
+                service=self.name, due_at=r[12],
+            )
+            for r in rows
+        ]
