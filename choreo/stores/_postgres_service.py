@@ -24,7 +24,7 @@ from psycopg import errors
 from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
 from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
 from choreo.events import Envelope
-from choreo.store import DeadLetter, ServiceStore, Tracking
+from choreo.store import DeadLetter, Held, ServiceStore, Tracking
 from choreo.stores.postgres import _appended, insert_log
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ class PostgresServiceStore(ServiceStore):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        claim: Held | None = None,
     ) -> None:
         """Write everything in one transaction (see `ServiceStore.commit`); the log's insert is its last step.
 
