@@ -25,6 +25,7 @@ from choreo.errors import (
     StoreNotFound,
     StoreURLError,
     UnknownEventType,
+    UpcastError,
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
@@ -40,6 +41,7 @@ from choreo.store import (
     DeadLetter, DocumentStore, EventStore, Feed, LogStore, ServiceStore, open_store,
 )
 from choreo.system import System
+from choreo.upcasting import upcaster
 
 __version__ = "0.1.0"
 
@@ -92,10 +94,12 @@ __all__ = [
     "System",
     "SystemClock",
     "UnknownEventType",
+    "UpcastError",
     "WiringError",
     "event",
     "load_aggregate",
     "open_store",
     "run_service",
+    "upcaster",
     "use_clock",
 ]

@@ -49,6 +49,7 @@ from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
 from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
+from choreo.upcasting import upcasting_feed
 
 log = logging.getLogger("choreo")
 T = TypeVar("T")
@@ -108,10 +109,10 @@ class Processor(Parking, Timers):
         self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
-        self.feed = store.feed(service.name, self.own.tracking, interest=Interest(
+        self.feed = upcasting_feed(store.feed(service.name, self.own.tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
-        ))
+        )))
 
     # -- the loop ----------------------------------------------------------------------
     def poll(self, timeout: float = 0.0) -> int:

@@ -14,6 +14,7 @@ from choreo.events import Event, is_event_class
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaDefinition
 from choreo.store import check_service_name
+from choreo.upcasting import check_upcasters
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -218,7 +219,9 @@ class Service:
         self.handlers.setdefault(handler.event_type.event_type, []).append(handler)
 
     def validate(self) -> None:
-        """Raise `WiringError` if a compensation names a step this service does not own."""
+        """Raise `WiringError` if a compensation names a step this service does not own, or if the
+        upcasters cannot bring every old event to a current class (`check_upcasters`)."""
+        check_upcasters()
         for step, handler in self.compensations.items():
             if step not in self.steps:
                 raise WiringError(

@@ -340,7 +340,9 @@ class EventStore(ABC):
 
     def scan(self, batch: int = 5000) -> Iterator[list[Envelope]]:
         """Yield the whole log, batch by batch, from the beginning to where it goes quiet."""
-        feed = self.feed(f"scan-{uuid4()}", dict, group=False)
+        from choreo.upcasting import upcasting_feed
+
+        feed = upcasting_feed(self.feed(f"scan-{uuid4()}", dict, group=False))
         try:
             while got := feed.poll(batch, self.idle_timeout):
                 yield got
