@@ -48,6 +48,7 @@ from choreo.operations import (
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
+from choreo.snapshots import Snapshotting
 from choreo.store import HOLDING, RETRYING, DeadLetter, EventStore, Interest, ServiceStore, advance
 from choreo.upcasting import upcasting_feed
 
@@ -88,6 +89,7 @@ class Processor(Parking, Timers):
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
         self.cache = AggregateCache(cache_size)
+        self.snapshotting = Snapshotting(service.snapshot_every)
         self.tracking: dict[str, int] = {}
         self.held: set[str] = set()
         #: when the earliest scheduled retry is due (None: none is)
@@ -373,7 +375,7 @@ class Processor(Parking, Timers):
                 await self._attempt(env)
 
     def _new_uow(self) -> UnitOfWork:
-        return UnitOfWork(self.service.name, self.own, self.mapper, self.cache)
+        return UnitOfWork(self.service.name, self.own, self.mapper, self.cache, self.snapshotting)
 
     async def _commit(
         self,
@@ -389,6 +391,7 @@ class Processor(Parking, Timers):
             await self._io(lambda: self.own.commit(
                 events=events, emitted=uow.emitted, tracking=reached, parked=parked,
                 handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines,
+                **({"snapshots": uow.snapshots} if uow.snapshots else {}),
             ))
         except BaseException:
             uow.discard()

@@ -113,6 +113,10 @@ class ServiceStore(ABC):
         return {i: self.load(i) for i in aggregate_ids}
 
     @abstractmethod
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        """Return the aggregate's latest snapshot (None if it has none) and its stored events after it."""
+
+    @abstractmethod
     def tracking(self) -> Tracking:
         """Return how far this service has processed each source of the log."""
 
@@ -131,8 +135,12 @@ class ServiceStore(ABC):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         """Atomically record aggregate events, emitted events, dead letters, deadlines, handled ids and tracking.
+
+        `snapshots` are aggregate snapshots (`choreo.snapshots`) at versions recorded by
+        this commit or before; each replaces an older snapshot of its aggregate.
 
         `parked` are new dead letters; `updated` are existing ones (by id) with a new
         status or attempt count. A deadline `scheduled` is added unless one with its id

@@ -150,10 +150,17 @@ class _InMemoryServiceStore(ServiceStore):
         self._tracking: Tracking = {}
         self._deadlines: dict[str, Deadline] = {}
         self._dead: list[DeadLetter] = []
+        self._snapshots: dict[UUID, StoredEvent] = {}
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         with self.store._changed:
             return list(self._events.get(aggregate_id, ()))
+
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        with self.store._changed:
+            snapshot = self._snapshots.get(aggregate_id)
+            after = snapshot.originator_version if snapshot is not None else 0
+            return snapshot, [e for e in self._events.get(aggregate_id, ()) if e.originator_version > after]
 
     def tracking(self) -> Tracking:
         return dict(self._tracking)
@@ -172,6 +179,7 @@ class _InMemoryServiceStore(ServiceStore):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         with self.store._changed:
             reached = forward(self._tracking, tracking, self.name)
@@ -197,6 +205,10 @@ class _InMemoryServiceStore(ServiceStore):
                 )
             for e in events:
                 self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
+            for s in snapshots:
+                known = self._snapshots.get(s.originator_id)  # type: ignore[arg-type]
+                if known is None or s.originator_version > known.originator_version:
+                    self._snapshots[s.originator_id] = s  # type: ignore[index]
             for i, d in enumerate(parked, start=len(self._dead) + 1):
                 self._dead.append(_with_id(d, i))
             for d in updated:

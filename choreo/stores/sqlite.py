@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id);
+CREATE TABLE IF NOT EXISTS svc_{name}_snapshots (
+    originator_id TEXT PRIMARY KEY, originator_version INTEGER NOT NULL, topic TEXT, state BLOB) WITHOUT ROWID;
 """
 _SERVICE_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -395,6 +397,7 @@ class _SQLiteServiceStore(ServiceStore):
         self._dead = f"svc_{name}_dead_letters"
         self._handled = f"svc_{name}_handled"
         self._deadlines = f"svc_{name}_deadlines"
+        self._snapshots = f"svc_{name}_snapshots"
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         rows = self.store._query(
@@ -403,6 +406,27 @@ class _SQLiteServiceStore(ServiceStore):
             (aggregate_id.hex,),
         )
         return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        try:
+            rows = self.store._query(
+                f"SELECT originator_version, topic, state FROM {self._snapshots} WHERE originator_id = ?",
+                (aggregate_id.hex,),
+            )
+        except sqlite3.OperationalError as e:  # a read-only store written before snapshots
+            if "no such table" not in str(e):
+                raise
+            rows = []
+        if not rows:
+            return None, self.load(aggregate_id)
+        version, topic, state = rows[0]
+        events = self.store._query(
+            f"SELECT originator_id, originator_version, topic, state FROM {self._events} "
+            "WHERE originator_id = ? AND originator_version > ? ORDER BY originator_version",
+            (aggregate_id.hex, version),
+        )
+        return (StoredEvent(aggregate_id, version, topic, state),
+                [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in events])
 
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
         found: dict[UUID, list[StoredEvent]] = {i: [] for i in aggregate_ids}
@@ -446,9 +470,10 @@ class _SQLiteServiceStore(ServiceStore):
         handled: Sequence[str] = (),
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         try:
-            self._commit(events, emitted, tracking, parked, handled, updated, deadlines)
+            self._commit(events, emitted, tracking, parked, handled, updated, deadlines, snapshots)
         except _IdTaken:  # rolled back: the ids found in the log now are those taken before
             ids = [env.event_id for env in emitted]
             twice = {i for i, n in Counter(ids).items() if n > 1}
@@ -476,6 +501,7 @@ class _SQLiteServiceStore(ServiceStore):
         handled: Sequence[str],
         updated: Sequence[DeadLetter],
         deadlines: Sequence[Deadline],
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         with self.store._write() as c:
             if events:
@@ -485,6 +511,14 @@ class _SQLiteServiceStore(ServiceStore):
                         (e.originator_id.hex, e.originator_version, e.topic, e.state)  # type: ignore[union-attr]
                         for e in events
                     ],
+                )
+            if snapshots:  # in the events' transaction: a snapshot is never ahead of them
+                c.c.executemany(
+                    f"INSERT INTO {self._snapshots} VALUES (?,?,?,?) ON CONFLICT (originator_id) DO UPDATE SET "
+                    "originator_version = excluded.originator_version, topic = excluded.topic, "
+                    "state = excluded.state WHERE excluded.originator_version > originator_version",
+                    [(s.originator_id.hex, s.originator_version, s.topic, s.state)  # type: ignore[union-attr]
+                     for s in snapshots],
                 )
             if emitted:
                 try:
