@@ -10,6 +10,7 @@
 4. saga latency p50/p99 (sequential sagas) for 1-3
 5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
 6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
+7. restart to first handled event, one aggregate with 100k events (10k quick): with / without snapshots
 
 The results are also written to `--out` (default: benchmark-results.json).
 """
@@ -26,7 +27,7 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from benchmarks import io_bound, replay, sagas, throughput
+from benchmarks import io_bound, replay, sagas, snapshots, throughput
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def run(quick: bool) -> dict[str, Any]:
             url = f"kafka://{broker.bootstrap}?topic=bench-{uuid4().hex[:8]}&state={folder}/state"
             results["3_kafka_processes"] = sagas.measure(url, sagas=n, sequential=sequential, processes=True)
     results["5_replay"] = replay.run(100_000 if quick else 1_000_000)
+    results["7_snapshots"] = snapshots.run(10_000 if quick else 100_000)
     return results
 
 
@@ -73,6 +75,11 @@ def table(r: dict[str, Any]) -> str:
     rows.append(("6 I/O-bound: 4 steps wait 10 ms each", "", f"x CPU-only = / benchmark 1's choreo "
                  f"({r['6_io_bound']['cpu_only_sagas_per_s']} sagas/s)"))
     rows += io_bound.rows(r["6_io_bound"])
+    sn = r["7_snapshots"]
+    rows.append((f"7 restart, {sn['aggregate_events']} events on one aggregate",
+                 f"{sn['with_snapshots']['restart_s']} s",
+                 f"with snapshots every {sn['snapshot_every']}; {sn['without_snapshots']['restart_s']} s without "
+                 f"({sn['speedup']}x)"))
     width = max(len(a) for a, _, _ in rows)
     return "\n".join([f"choreo benchmarks ({r['machine']}{', quick' if r['quick'] else ''})"] +
                      [f"  {a:<{width}}  {b:>18}  {c}" for a, b, c in rows])

@@ -137,7 +137,7 @@ def check_upcasters() -> None:
     version its target does not have, a type without a class whose chain does not rename
     it, and loops.
     """
-    stamp = hash((len(UPCASTERS), tuple(sorted((k, v) for k, v in _current_versions().items()))))
+    stamp = hash((frozenset(UPCASTERS.items()), frozenset(_current_versions().items())))
     if stamp in _checked:
         return
     by_type: dict[str, list[int]] = {}
