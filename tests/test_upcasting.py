@@ -269,3 +269,44 @@ def test_without_an_upcaster_an_old_event_is_parked_not_dropped(registry: None, 
     parked = store.service("bank").dead_letters()
     assert [d.event_id for d in parked] == ["e-1"] and "schema version 1" in parked[0].reason
     store.close()
+
+
+def test_a_deadline_and_a_dead_letter_stored_under_v1_run_under_v2(v1_to_v2: None) -> None:
+    """What a service stored before the upgrade (a deadline's start event, a parked event) is upcast too."""
+    from datetime import timedelta
+
+    from choreo import Context, Processor, Service
+    from choreo.deadlines import SCHEDULED, Deadline, deadline_id
+    from choreo.operations import request_retry
+    from choreo.store import DeadLetter
+
+    watch = Service("watch")
+    got: list[Event] = []
+
+    @watch.deadline("pay-by", start_on=v2.OrderOpened, after=timedelta(minutes=1), fails_saga=False)
+    def late(opened: v2.OrderOpened, ctx: Context) -> v2.Acked:
+        got.append(opened)
+        return v2.Acked(what="late")
+
+    @watch.on(v2.PaymentCaptured)
+    def captured(event: v2.PaymentCaptured, ctx: Context) -> None:
+        got.append(event)
+
+    store = open_store("memory://")
+    now = datetime.now(timezone.utc)
+    old = v1_event("s-2", "evo.PaymentTaken", {"order_id": "o-2", "cents": 700})  # parked by the old code
+    old_envelope = {**old, "payload": json.dumps(old["payload"]), "position": 1, "source": "log", "malformed": None}
+    store.service("watch").commit(events=[], emitted=[], tracking={}, deadlines=[Deadline(
+        id=deadline_id("watch", "s-1", "pay-by"), service="watch", name="pay-by", saga_id="s-1",
+        due_at=now - timedelta(seconds=1), status=SCHEDULED, cause_event_id="e-1", cause_type="evo.OrderOpened",
+        cause_version=1, cause_payload='{"order_id": "o-1", "amount_cents": 300}',
+    )], parked=[DeadLetter(service="watch", position=1, event_id=old["event_id"], saga_id="s-2",
+                           type="evo.PaymentTaken", reason="handler failed", error="", attempts=3,
+                           first_failed_at=now, last_failed_at=now, envelope=old_envelope)])
+    proc = Processor(watch, store)
+    proc.run_until_idle(retry_wait=0)
+    assert got == [v2.OrderOpened(order_id="o-1", amount=Decimal("3"), currency="EUR")]  # the deadline fired
+    request_retry(store, store.service("watch").dead_letters()[0])
+    proc.run_until_idle(retry_wait=0)
+    assert got[1:] == [v2.PaymentCaptured(order_id="o-2", amount=Decimal("7"))]  # the retry ran the renamed event
+    assert store.service("watch").dead_letters() == []
