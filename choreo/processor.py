@@ -290,7 +290,7 @@ class Processor(Parking, Timers):
                 except Exception as e:
                     stop, error = i, e
                     break
-            end = len(batch) if stop is None else stop
+            end = len(batch) if stop is None else _part_start(batch, start, stop)
             while error is not None:  # handle the good prefix again without the bad event
                 uow.discard()
                 uow = self._new_uow()
@@ -298,7 +298,7 @@ class Processor(Parking, Timers):
                     try:
                         await self._handle(batch[i], uow)
                     except Exception as e:  # it failed this time (a flaky handler): it is the bad one now
-                        stop, end, error = i, i, e
+                        stop, end, error = i, _part_start(batch, start, i), e
                         break
                 else:
                     break
@@ -306,6 +306,10 @@ class Processor(Parking, Timers):
                 await self._commit_segment(uow, batch[start:end])
             if stop is None:
                 return
+            if (parts := _parts(batch, end)) > 1:  # an event an upcaster split: its parts go together
+                await self._attempt_parts(batch[end:end + parts])
+                start = end + parts
+                continue
             if error is not None:
                 await self._attempt(batch[stop], first_error=error)
             else:
@@ -371,8 +375,33 @@ class Processor(Parking, Timers):
         except EventIdTaken as e:
             log.warning("%s: %s; handling the batch's events one by one to park the one that emits it",
                         self.service.name, e)
-            for env in segment:
-                await self._attempt(env)
+            i = 0
+            while i < len(segment):
+                if (parts := _parts(segment, i)) > 1:
+                    await self._attempt_parts(segment[i:i + parts])
+                else:
+                    await self._attempt(segment[i])
+                i += parts
+
+    async def _attempt_parts(self, parts: Sequence[Envelope]) -> None:
+        """Handle the events an upcaster split one stored event into, in one transaction (they share its
+        position): those that fail become dead letters of that transaction, the others are handled."""
+        errors: dict[int, Exception] = {}
+        while True:
+            uow = self._new_uow()
+            for i, env in enumerate(parts):
+                if i in errors:
+                    continue
+                try:
+                    await self._handle(env, uow)
+                except Exception as e:
+                    errors[i] = e
+                    uow.discard()
+                    break
+            else:
+                break
+        letters = [self._letter(parts[i], e, uow) for i, e in sorted(errors.items())]
+        await self._commit(uow, parts, parked=letters)
 
     def _new_uow(self) -> UnitOfWork:
         return UnitOfWork(self.service.name, self.own, self.mapper, self.cache, self.snapshotting)
@@ -603,6 +632,22 @@ class Processor(Parking, Timers):
             for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
                 uow.emit(out, end_env)
         self._cancel_deadlines(env, uow)
+
+
+def _parts(batch: Sequence[Envelope], i: int) -> int:
+    """How many envelopes from `batch[i]` on are parts of one stored event (an upcaster split it): 1 if none."""
+    n = 1
+    while i + n < len(batch) and batch[i + n].position == batch[i].position \
+            and batch[i + n].source == batch[i].source:
+        n += 1
+    return n
+
+
+def _part_start(batch: Sequence[Envelope], start: int, i: int) -> int:
+    """The index of the first part of the stored event `batch[i]` belongs to (not before `start`)."""
+    while i > start and batch[i - 1].position == batch[i].position and batch[i - 1].source == batch[i].source:
+        i -= 1
+    return i
 
 
 def wait_for_retries(processors: Sequence[Processor], limit: float) -> bool:

@@ -310,3 +310,28 @@ def test_a_deadline_and_a_dead_letter_stored_under_v1_run_under_v2(v1_to_v2: Non
     proc.run_until_idle(retry_wait=0)
     assert got[1:] == [v2.PaymentCaptured(order_id="o-2", amount=Decimal("7"))]  # the retry ran the renamed event
     assert store.service("watch").dead_letters() == []
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_when_a_part_of_a_split_event_fails_it_is_parked_and_the_other_part_handled_once(
+        v1_to_v2: None, tmp_path: Path, concurrency: int) -> None:
+    from choreo import Processor, RetryPolicy
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    store = open_store(url)
+    store.append([Envelope(event_id=e["event_id"], type=e["type"], version=1, saga_id=e["saga_id"], causation_id=None,
+                           service="shop", step=None, outcome=None, occurred_at=datetime.now(timezone.utc),
+                           payload=json.dumps(e["payload"]))
+                  for e in [v1_event("s-1", "evo.CustomerNoted", {"note": "a", "tag": "vip"}),
+                            v1_event("s-2", "evo.CustomerNoted", {"note": "b", "tag": "boom"}),  # TagAdded fails
+                            v1_event("s-3", "evo.CustomerNoted", {"note": "c", "tag": "new"})]])
+    crm = v2.system["crm"]
+    for round_ in range(2):  # the second run (a restart) finds nothing left to do
+        Processor(crm, store, concurrency=concurrency, retry=RetryPolicy(max_attempts=1)).run_until_idle()
+        store.close()
+        store = open_store(url)
+    assert sorted(acks(store)) == ["note a", "note b", "note c", "tag new", "tag vip"]  # each once
+    parked = store.service("crm").dead_letters()
+    assert [(d.saga_id, d.type) for d in parked] == [("s-2", "evo.TagAdded")] and "boom" in parked[0].reason
+    assert store.service("crm").tracking() == {"log": 3}
+    store.close()

@@ -107,6 +107,8 @@ def noted(event: NoteAdded, ctx: Context) -> Acked:
 @crm.on(TagAdded)
 def tagged(event: TagAdded, ctx: Context) -> Acked:
     received.append(event)
+    if event.tag == "boom":
+        raise ValueError("boom: no such tag")
     return Acked(what=f"tag {event.tag}")
 
 
