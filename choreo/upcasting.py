@@ -95,11 +95,11 @@ def upcaster(event_type: str, *, from_version: int, to: Target | Sequence[Target
             raise WiringError(
                 f"two upcasters for {event_type!r} v{from_version}: {known.name} and {up.name}; keep one"
             )
-        UPCASTERS[(event_type, from_version)] = up
-        _checked.clear()
         current = current_version(event_type)
         if not up.renames and current is not None and from_version >= current:
             raise _above(up, current)
+        UPCASTERS[(event_type, from_version)] = up
+        _checked.clear()
         return fn
 
     return register

@@ -68,6 +68,7 @@ def test_two_upcasters_for_one_version_are_refused(registry: None) -> None:
 def test_an_upcaster_past_the_current_version_is_refused(registry: None) -> None:
     with pytest.raises(WiringError, match=r"'evo.Widget' v3 into v4, above the current schema version of 'evo.Widget' \(v3\)"):
         upcaster("evo.Widget", from_version=3)(lambda p: p)
+    assert ("evo.Widget", 3) not in UPCASTERS  # refused: not registered
 
 
 @pytest.mark.parametrize("versions, message", [
