@@ -29,6 +29,7 @@ from choreo.errors import (
     StoreNotFound,
     StoreURLError,
     UnknownEventType,
+    UpcastError,
     WiringError,
 )
 from choreo.events import Envelope, Event, Outcome, StepCompensated, StepSkipped
@@ -45,6 +46,7 @@ from choreo.store import (
     DeadLetter, DocumentStore, EventStore, Feed, LogStore, ServiceStore, open_store,
 )
 from choreo.system import System
+from choreo.upcasting import upcaster
 
 __version__ = "0.1.0"
 
@@ -102,6 +104,7 @@ __all__ = [
     "System",
     "SystemClock",
     "UnknownEventType",
+    "UpcastError",
     "WiringError",
     "check",
     "event",
@@ -109,5 +112,6 @@ __all__ = [
     "open_store",
     "run_service",
     "segment_of",
+    "upcaster",
     "use_clock",
 ]

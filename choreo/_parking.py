@@ -26,6 +26,7 @@ from choreo.operations import (
     CompensationRequested, DeadLetterResolved, EventParked, HandlerRetried, RetryRequested, SkipRequested,
 )
 from choreo.store import HOLDING, PARKED, RETRYING, DeadLetter
+from choreo.upcasting import UPCAST_FAILED, upcast_envelope
 
 if TYPE_CHECKING:
     from choreo._unit_of_work import UnitOfWork
@@ -258,7 +259,10 @@ def envelope_of(letter: DeadLetter) -> Envelope:
     """The envelope a dead letter keeps (as `raw_envelope` wrote it)."""
     raw = dict(letter.envelope)
     raw["occurred_at"] = datetime.fromisoformat(str(raw["occurred_at"]))
-    return Envelope(**{k: v for k, v in raw.items() if k in Envelope.__dataclass_fields__})
+    env = Envelope(**{k: v for k, v in raw.items() if k in Envelope.__dataclass_fields__})
+    if env.malformed is not None and env.malformed.startswith(UPCAST_FAILED):
+        env = replace(env, malformed=None)  # parked because its upcaster failed: try the upcasters again
+    return upcast_envelope(env)[0]  # parked before an upgrade: read as the current schema
 
 
 def raw_envelope(env: Envelope) -> dict[str, object]:

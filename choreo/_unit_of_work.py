@@ -26,6 +26,7 @@ from choreo import clock, tracing
 from choreo.aggregates import Aggregate
 from choreo.deadlines import Deadline
 from choreo.events import Envelope, Event, encode_payload
+from choreo.snapshots import Snapshotting
 from choreo.store import DeadLetter, ServiceStore
 
 _EVENT_NAMESPACE = uuid5(NAMESPACE_URL, "https://choreo.dev/event")
@@ -64,8 +65,12 @@ class AggregateCache:
 class UnitOfWork:
     """Collects what handlers did in a batch; nothing is written until `ServiceStore.commit()`."""
 
-    def __init__(self, service_name: str, store: ServiceStore, mapper: Mapper[UUID], cache: AggregateCache) -> None:
+    def __init__(self, service_name: str, store: ServiceStore, mapper: Mapper[UUID], cache: AggregateCache,
+                 snapshots: Snapshotting | None = None) -> None:
         self.service_name = service_name
+        self.snapshotting = snapshots or Snapshotting()
+        #: the snapshots `stored_events()` took, committed with the events
+        self.snapshots: list[StoredEvent] = []
         self.store = store
         self.mapper = mapper
         self.cache = cache
@@ -89,7 +94,9 @@ class UnitOfWork:
         agg = self.cache.get(agg_id)
         if agg is None:
             stored_events = self.cache.prefetched.pop(agg_id, None)
-            for stored in self.store.load(agg_id) if stored_events is None else stored_events:
+            if stored_events is None:
+                agg = self.snapshotting.load(self.store, agg_id, self.mapper)
+            for stored in stored_events or ():
                 agg = self.mapper.to_domain_event(stored).mutate(agg)  # type: ignore[attr-defined]
         self.aggregates[agg_id] = agg
         return agg
@@ -140,7 +147,11 @@ class UnitOfWork:
         stored: list[StoredEvent] = []
         for agg in self.aggregates.values():
             if agg is not None:
-                stored.extend(self.mapper.to_stored_event(e) for e in agg.collect_events())
+                new = agg.collect_events()
+                stored.extend(self.mapper.to_stored_event(e) for e in new)
+                if self.snapshotting.enabled:
+                    if (snapshot := self.snapshotting.take(agg, new, self.mapper)) is not None:
+                        self.snapshots.append(snapshot)
         return stored
 
     def touched(self) -> list[UUID]:
@@ -213,7 +224,7 @@ class SagaView(UnitOfWork):
     """One event's handling inside a batch: claims what it touches, and puts it back unless it succeeds."""
 
     def __init__(self, batch: UnitOfWork, claims: Claims, woken_for: UUID | None = None) -> None:
-        super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache)
+        super().__init__(batch.service_name, batch.store, batch.mapper, batch.cache, batch.snapshotting)
         self.batch = batch
         self.claims = claims
         #: the aggregate whose release woke this view (run again after a `Busy`), if any

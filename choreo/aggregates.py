@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.domain import Aggregate as _ESAggregate
@@ -37,7 +37,12 @@ _next_id: ContextVar[UUID | None] = ContextVar("choreo_next_aggregate_id", defau
 
 
 class Aggregate(_ESAggregate):
-    """Base class for a service's event-sourced aggregates (use `@event` on its methods)."""
+    """Base class for a service's event-sourced aggregates (use `@event` on its methods).
+
+    `snapshot_every = N` on a subclass snapshots it every N events (`choreo.snapshots`).
+    """
+
+    snapshot_every: ClassVar[int | None] = None
 
     @staticmethod
     def create_id(*_: Any, **__: Any) -> UUID:
@@ -88,7 +93,8 @@ def load_aggregate(store: ServiceStore, cls: type[A], key: object) -> A | None:
     audits, tests and read-only views; handlers use `ctx.load()`.
     """
     mapper = new_mapper()
-    agg = None
-    for stored in store.load(aggregate_id(cls, key)):
+    snapshot, stored_events = store.load_latest(aggregate_id(cls, key))
+    agg = None if snapshot is None else mapper.to_domain_event(snapshot).mutate(None)  # type: ignore[attr-defined]
+    for stored in stored_events:
         agg = mapper.to_domain_event(stored).mutate(agg)  # type: ignore[attr-defined]
     return agg

@@ -5,7 +5,8 @@
     │   └── SegmentsMismatch                a replica's number of segments is not its service's
     ├── EventError (ValueError)             an event cannot be used as it is
     │   ├── UnknownEventType (LookupError)  no event class has this type name
-    │   └── EventValidationError            the payload breaks the event's schema
+    │   ├── EventValidationError            the payload breaks the event's schema
+    │   └── UpcastError                     an upcaster failed on an old event's payload
     ├── AggregateNotFound (LookupError)     ctx.load() of an aggregate that does not exist
     ├── CommandRefused (ValueError)         an operator command that could do harm; nothing written
     │   └── SagaNotFound (LookupError)      no event of the named saga is in the log
@@ -57,6 +58,10 @@ class EventValidationError(EventError):
         self.event_type = event_type
         self.field = field
         super().__init__(f"{event_type}.{field}: {message}")
+
+
+class UpcastError(EventError):
+    """An upcaster raised, or returned something other than the payload(s) it declares."""
 
 
 class AggregateNotFound(ChoreoError, LookupError):

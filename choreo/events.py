@@ -45,6 +45,9 @@ class Outcome(StrEnum):
 
 _registry: dict[tuple[str, int], type[Event]] = {}
 _known_types: set[str] = set()
+_current: dict[str, int] = {}
+#: the upcasters by (type name, version they read), filled by `choreo.upcasting`
+UPCASTERS: dict[tuple[str, int], Any] = {}
 
 
 def _register(cls: type[Event]) -> None:
@@ -57,6 +60,7 @@ def _register(cls: type[Event]) -> None:
         )
     _registry[key] = cls
     _known_types.add(key[0])
+    _current[key[0]] = max(_current.get(key[0], 0), key[1])
 
 
 def _origin(cls: type) -> str:
@@ -71,6 +75,11 @@ def event_class(event_type: str, version: int = 1) -> type[Event]:
         raise UnknownEventType(
             f"unknown event type {event_type!r} (schema version {version})"
         ) from None
+
+
+def current_version(event_type: str) -> int | None:
+    """The highest schema version registered for `event_type`, or None if it has no event class."""
+    return _current.get(event_type)
 
 
 def known_types() -> frozenset[str]:
@@ -168,7 +177,22 @@ def encode_payload(event: Event) -> str:
 
 
 def decode_payload(event_type: str, version: int, payload: str | bytes) -> Event:
-    """Validate a JSON payload against the registered schema and return the event."""
+    """Validate a JSON payload against the registered schema and return the event.
+
+    A payload of an older version (or of a renamed type) is first upcast to the current
+    schema (`choreo.upcasting`); of an event split in several, this is the first.
+    """
+    if UPCASTERS and (event_type, version) in UPCASTERS:
+        from choreo.upcasting import upcast_payload
+
+        event_type, version, data = upcast_payload(event_type, version, payload)[0]
+        cls = event_class(event_type, version)
+        try:
+            return cls.model_validate_json(json.dumps(data))
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "__root__"
+            raise EventValidationError(event_type, field, f"{first['msg']} (after upcasting)") from None
     cls = event_class(event_type, version)
     try:
         return cls.model_validate_json(payload)

@@ -17,6 +17,7 @@ from choreo.errors import CommandRefused, DeadLetterNotFound, SagaNotFound
 from choreo.events import Envelope, Event, Outcome, encode_payload
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.store import HOLDING, DeadLetter, EventStore
+from choreo.upcasting import upcasting_feed
 
 
 class HandlerRetried(Event):
@@ -192,7 +193,7 @@ def saga_status(store: EventStore, saga_id: str, sagas: Iterable[SagaDefinition]
     """
     # (type, step, outcome, causation, service) of each of the saga's events, in log order
     events: list[tuple[str, str | None, str | None, str | None, str]] = []
-    feed = store.feed(f"operator-{uuid4()}", dict, group=False)
+    feed = upcasting_feed(store.feed(f"operator-{uuid4()}", dict, group=False))
     try:
         while rows := feed.poll_rows(5000, store.idle_timeout):
             events += [(row[2], row[7], row[8], row[5], row[6]) for row in rows if row[4] == saga_id]

@@ -50,7 +50,9 @@ from choreo.replicas import ReplicaSettings
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaFailed
 from choreo.service import Handler, Service, is_async
-from choreo.store import FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Interest, ServiceStore
+from choreo.snapshots import Snapshotting
+from choreo.store import FENCE, HOLDING, LOG, RETRYING, DeadLetter, EventStore, Held, Interest, ServiceStore
+from choreo.upcasting import upcasting_feed
 
 log = logging.getLogger("choreo")
 T = TypeVar("T")
@@ -92,6 +94,7 @@ class Processor(Replicated, Parking, Timers):
         self.retry = retry or RetryPolicy()
         self.mapper = new_mapper()
         self.cache = AggregateCache(cache_size)
+        self.snapshotting = Snapshotting(service.snapshot_every)
         self.tracking: dict[str, int] = {}
         self.held: set[str] = set()
         #: when the earliest scheduled retry is due (None: none is)
@@ -113,10 +116,10 @@ class Processor(Replicated, Parking, Timers):
         self.deadline_failures: dict[str, int] = {}
         self._stale = True  # the first poll reads the committed state
         self._reload()
-        self.feed = store.feed(service.name, self._feed_tracking, interest=Interest(
+        self.feed = upcasting_feed(store.feed(service.name, self._feed_tracking, interest=Interest(
             types=self._types | OPERATOR_COMMANDS, failures=self._has_steps, known=known_types(),
             outcomes=bool(self._starts),
-        ))
+        )))
         self.last_poll: float | None = None  # time.monotonic() of the loop's last poll (for /healthz)
         metrics.watch(self)
 
@@ -333,7 +336,7 @@ class Processor(Replicated, Parking, Timers):
                 except Exception as e:
                     stop, error = i, e
                     break
-            end = len(batch) if stop is None else stop
+            end = len(batch) if stop is None else _part_start(batch, start, stop)
             while error is not None:  # handle the good prefix again without the bad event
                 uow.discard()
                 uow = self._new_uow()
@@ -341,7 +344,7 @@ class Processor(Replicated, Parking, Timers):
                     try:
                         await self._handle(batch[i], uow)
                     except Exception as e:  # it failed this time (a flaky handler): it is the bad one now
-                        stop, end, error = i, i, e
+                        stop, end, error = i, _part_start(batch, start, i), e
                         break
                 else:
                     break
@@ -349,6 +352,10 @@ class Processor(Replicated, Parking, Timers):
                 await self._commit_segment(uow, batch[start:end])
             if stop is None:
                 return
+            if (parts := _parts(batch, end)) > 1:  # an event an upcaster split: its parts go together
+                await self._attempt_parts(batch[end:end + parts])
+                start = end + parts
+                continue
             if error is not None:
                 await self._attempt(batch[stop], first_error=error)
             else:
@@ -416,11 +423,36 @@ class Processor(Replicated, Parking, Timers):
         except EventIdTaken as e:
             log.warning("%s: %s; handling the batch's events one by one to park the one that emits it",
                         self.service.name, e)
-            for env in segment:
-                await self._attempt(env)
+            i = 0
+            while i < len(segment):
+                if (parts := _parts(segment, i)) > 1:
+                    await self._attempt_parts(segment[i:i + parts])
+                else:
+                    await self._attempt(segment[i])
+                i += parts
+
+    async def _attempt_parts(self, parts: Sequence[Envelope]) -> None:
+        """Handle the events an upcaster split one stored event into, in one transaction (they share its
+        position): those that fail become dead letters of that transaction, the others are handled."""
+        errors: dict[int, Exception] = {}
+        while True:
+            uow = self._new_uow()
+            for i, env in enumerate(parts):
+                if i in errors:
+                    continue
+                try:
+                    await self._handle(env, uow)
+                except Exception as e:
+                    errors[i] = e
+                    uow.discard()
+                    break
+            else:
+                break
+        letters = [self._letter(parts[i], e, uow) for i, e in sorted(errors.items())]
+        await self._commit(uow, parts, parked=letters)
 
     def _new_uow(self) -> UnitOfWork:
-        return UnitOfWork(self.service.name, self.own, self.mapper, self.cache)
+        return UnitOfWork(self.service.name, self.own, self.mapper, self.cache, self.snapshotting)
 
     async def _commit(
         self,
@@ -432,14 +464,15 @@ class Processor(Replicated, Parking, Timers):
         reached = self._reached(done)
         handled = [e.event_id for e in done if self._relevant(e)]
         events, letters = uow.stored_events(), [*uow.resolved, *updated]
-        claim: dict[str, Any] = {}
+        claim: Held | None = None
         if self.replica is not None:
-            claim = {"claim": self._held}
+            claim = self._held
             await self._keep_claims()
         try:
             await self._io(lambda: self.own.commit(
                 events=events, emitted=uow.emitted, tracking=reached, parked=parked,
-                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines, **claim,
+                handled=list(dict.fromkeys(handled)), updated=letters, deadlines=uow.deadlines, claim=claim,
+                snapshots=uow.snapshots,
             ))
         except BaseException:
             uow.discard()
@@ -658,6 +691,22 @@ class Processor(Replicated, Parking, Timers):
                 for out in [*as_events(handler, await self._call(handler.fn, end, ctx)), *ctx.extra]:
                     uow.emit(out, end_env)
         self._cancel_deadlines(env, uow)
+
+
+def _parts(batch: Sequence[Envelope], i: int) -> int:
+    """How many envelopes from `batch[i]` on are parts of one stored event (an upcaster split it): 1 if none."""
+    n = 1
+    while i + n < len(batch) and batch[i + n].position == batch[i].position \
+            and batch[i + n].source == batch[i].source:
+        n += 1
+    return n
+
+
+def _part_start(batch: Sequence[Envelope], start: int, i: int) -> int:
+    """The index of the first part of the stored event `batch[i]` belongs to (not before `start`)."""
+    while i > start and batch[i - 1].position == batch[i].position and batch[i - 1].source == batch[i].source:
+        i -= 1
+    return i
 
 
 def wait_for_retries(processors: Sequence[Processor], limit: float) -> bool:

@@ -38,6 +38,8 @@ from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.store import EventStore, Feed, Row, Tracking, advance_rows
+from choreo import upcasting
+from choreo.upcasting import check_upcasters, upcasting_feed
 
 log = logging.getLogger("choreo.projection")
 
@@ -328,6 +330,9 @@ class SagaProjection:
         self.documents = store.documents(DOCUMENTS)
         #: what the stored fold must have been built with: this fold and these definitions
         self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
+        if upcasters := upcasting.fingerprint():  # old events read through other upcasters fold otherwise
+            check_upcasters()
+            self.meta["upcasters"] = upcasters
         self._feed: Feed | None = None
         self._base: Tracking = {}  # the stored tracking the next batch starts from
         self._generation: str | None = None  # the stored rebuild that `_base` belongs to (None: none recorded)
@@ -384,6 +389,8 @@ class SagaProjection:
         if stored.get("catalog") != self.meta["catalog"]:
             return (f"it was built with other saga definitions (fingerprint {str(stored.get('catalog'))[:12]}, "
                     f"these are {self.meta['catalog'][:12]})")
+        if stored.get("upcasters") != self.meta.get("upcasters"):
+            return "it was built with other upcasters (choreo.upcasting)"
         return None
 
     def close(self) -> None:
@@ -397,7 +404,7 @@ class SagaProjection:
             raise StoreError("the saga projection is read-only: it answers from what is stored and never "
                              "updates (open it without read_only=True to update it)")
         if self._feed is None:
-            self._feed = self.store.feed(DOCUMENTS, self._tracked, group=False)
+            self._feed = upcasting_feed(self.store.feed(DOCUMENTS, self._tracked, group=False))
         return self._feed
 
     def _tracked(self) -> Tracking:

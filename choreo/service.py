@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from choreo.deadlines import DeadlineSpec
 from choreo.errors import WiringError
@@ -14,6 +14,11 @@ from choreo.events import Event, is_event_class
 from choreo.retry import RetryPolicy
 from choreo.saga import SAGA_ENDS, SagaDefinition
 from choreo.store import check_service_name
+from choreo.snapshots import check_intervals
+from choreo.upcasting import check_upcasters
+
+if TYPE_CHECKING:
+    from choreo.aggregates import Aggregate
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: what `emits=` accepts: event classes
@@ -50,8 +55,11 @@ class Service:
         concurrency: int | None = None,
         threads: int = 0,
         segments: int | None = None,
+        snapshot_every: Mapping[type[Aggregate], int] | None = None,
     ) -> None:
         self.name = check_service_name(name)
+        #: snapshot intervals by aggregate class (`choreo.snapshots`), over the classes' own `snapshot_every`
+        self.snapshot_every = check_intervals(self.name, snapshot_every)
         self.handlers: dict[str, list[Handler]] = {}
         self.steps: dict[str, Handler] = {}
         self.compensations: dict[str, Handler] = {}
@@ -239,7 +247,9 @@ class Service:
         self.handlers.setdefault(handler.event_type.event_type, []).append(handler)
 
     def validate(self) -> None:
-        """Raise `WiringError` if a compensation names a step this service does not own."""
+        """Raise `WiringError` if a compensation names a step this service does not own, or if the
+        upcasters cannot bring every old event to a current class (`check_upcasters`)."""
+        check_upcasters()
         for step, handler in self.compensations.items():
             if step not in self.steps:
                 raise WiringError(

@@ -178,6 +178,10 @@ class ServiceStore(ABC):
         return {i: self.load(i) for i in aggregate_ids}
 
     @abstractmethod
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        """Return the aggregate's latest snapshot (None if it has none) and its stored events after it."""
+
+    @abstractmethod
     def tracking(self) -> Tracking:
         """Return how far this service has processed each source of the log."""
 
@@ -197,8 +201,12 @@ class ServiceStore(ABC):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
         claim: Held | None = None,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         """Atomically record aggregate events, emitted events, dead letters, deadlines, handled ids and tracking.
+
+        `snapshots` are aggregate snapshots (`choreo.snapshots`) at versions recorded by
+        this commit or before; each replaces an older snapshot of its aggregate.
 
         `parked` are new dead letters; `updated` are existing ones (by id) with a new
         status or attempt count. A deadline `scheduled` is added unless one with its id
@@ -454,7 +462,9 @@ class EventStore(ABC):
 
     def scan(self, batch: int = 5000) -> Iterator[list[Envelope]]:
         """Yield the whole log, batch by batch, from the beginning to where it goes quiet."""
-        feed = self.feed(f"scan-{uuid4()}", dict, group=False)
+        from choreo.upcasting import upcasting_feed
+
+        feed = upcasting_feed(self.feed(f"scan-{uuid4()}", dict, group=False))
         try:
             while got := feed.poll(batch, self.idle_timeout):
                 yield got

@@ -107,6 +107,36 @@ class EventStoreContract:
         assert read_all(store) == []
         assert len(svc.load(agg)) == 1
 
+    def test_a_snapshot_is_committed_with_the_events_and_loads_with_those_after_it(self, store: EventStore) -> None:
+        svc = store.service("alpha")
+        agg, other = uuid4(), uuid4()
+        assert svc.load_latest(agg) == (None, [])
+        svc.commit(events=[stored(agg, 1), stored(agg, 2)], emitted=[], tracking={"log": 1})
+        assert svc.load_latest(agg) == (None, svc.load(agg))  # no snapshot: every event
+        snap = StoredEvent(originator_id=agg, originator_version=3, topic="t:S", state=b'{"n": 3}')
+        svc.commit(events=[stored(agg, 3), stored(agg, 4), stored(other, 1)], emitted=[], tracking={"log": 2},
+                   snapshots=[snap])
+        snapshot, after = svc.load_latest(agg)
+        assert snapshot is not None and (snapshot.originator_id, snapshot.originator_version, snapshot.topic,
+                                         bytes(snapshot.state)) == (agg, 3, "t:S", b'{"n": 3}')
+        assert [e.originator_version for e in after] == [4]
+        assert svc.load_latest(other) == (None, svc.load(other))
+        assert [e.originator_version for e in svc.load(agg)] == [1, 2, 3, 4]  # the events all stay
+        newer = replace(snap, originator_version=4, state=b'{"n": 4}')
+        svc.commit(events=[], emitted=[], tracking={"log": 3}, snapshots=[newer])
+        svc.commit(events=[], emitted=[], tracking={"log": 4}, snapshots=[snap])  # an older one is ignored
+        snapshot, after = svc.load_latest(agg)
+        assert snapshot is not None and snapshot.originator_version == 4 and after == []
+
+    def test_a_snapshot_is_not_written_when_its_commit_fails(self, store: EventStore) -> None:
+        svc = store.service("alpha")
+        agg = uuid4()
+        svc.commit(events=[stored(agg, 1)], emitted=[], tracking={"log": 1})
+        snap = StoredEvent(originator_id=agg, originator_version=2, topic="t:S", state=b"{}")
+        with pytest.raises(ConcurrencyConflict):
+            svc.commit(events=[stored(agg, 2), stored(agg, 1)], emitted=[], tracking={"log": 2}, snapshots=[snap])
+        assert svc.load_latest(agg) == (None, svc.load(agg))
+
     def test_tracking_moves_forward_per_source(self, store: EventStore) -> None:
         svc = store.service("alpha")
         svc.commit(events=[], emitted=[], tracking={"t:0": 5, "t:1": 2})

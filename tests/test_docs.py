@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from choreo.events import UPCASTERS
+
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -22,7 +24,10 @@ def test_snippets_run(path: Path) -> None:
     # Aggregates are found again by their topic (module + name), so run as a real module.
     module = types.ModuleType(f"docs_{path.stem.lower()}")
     sys.modules[module.__name__] = module
+    upcasters = dict(UPCASTERS)  # the registry is global: a page's upcasters stay on its page
     try:
         exec(compile(snippets(path), str(path), "exec"), module.__dict__)
     finally:
         del sys.modules[module.__name__]
+        UPCASTERS.clear()
+        UPCASTERS.update(upcasters)

@@ -77,6 +77,9 @@ class _KafkaServiceStore(ServiceStore):
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
         return self.inner.load_many(aggregate_ids)
 
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        return self.inner.load_latest(aggregate_id)
+
     def tracking(self) -> Tracking:
         return without_marks(self.inner.tracking())
 

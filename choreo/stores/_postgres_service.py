@@ -48,9 +48,13 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
     status TEXT NOT NULL, cause_event_id TEXT NOT NULL, cause_type TEXT NOT NULL,
     cause_version INTEGER NOT NULL, cause_payload TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
-CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id)
+CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id);
+CREATE TABLE IF NOT EXISTS svc_{name}_snapshots (
+    originator_id UUID PRIMARY KEY, originator_version BIGINT NOT NULL, topic TEXT NOT NULL, state BYTEA NOT NULL)
 """
-_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
+_TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines", "snapshots")
+#: what a store opened read-only must have (snapshots may be missing: nothing was snapshotted)
+_REQUIRED = _TABLES[:-1]
 _LETTER_COLUMNS = ("id, position, event_id, saga_id, type, reason, error, attempts, first_failed_at, "
                    "last_failed_at, envelope, status, due_at")
 _DEADLINE_COLUMNS = "id, name, saga_id, due_at, status, cause_event_id, cause_type, cause_version, cause_payload"
@@ -67,8 +71,12 @@ class PostgresServiceStore(ServiceStore):
         self._dead = f"svc_{name}_dead_letters"
         self._handled = f"svc_{name}_handled"
         self._deadlines = f"svc_{name}_deadlines"
+        self._snapshots = f"svc_{name}_snapshots"
+        self._has_snapshots = True
         wanted = [f"svc_{name}_{table}" for table in _TABLES]
         if store.read_only:
+            self._has_snapshots = self._snapshots in store.tables([self._snapshots])
+            wanted = [f"svc_{name}_{table}" for table in _REQUIRED]
             missing = sorted(set(wanted) - store.tables(wanted))
             if len(missing) == len(wanted):
                 raise StoreNotFound(f"no service {name!r} in {store.where}")
@@ -82,6 +90,19 @@ class PostgresServiceStore(ServiceStore):
             f"SELECT originator_version, topic, state FROM {self._events} WHERE originator_id = %s "
             "ORDER BY originator_version", (aggregate_id,))
         return [StoredEvent(aggregate_id, r[0], r[1], bytes(r[2])) for r in rows]
+
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        rows = self.store._query(
+            f"SELECT originator_version, topic, state FROM {self._snapshots} WHERE originator_id = %s",
+            (aggregate_id,)) if self._has_snapshots else []
+        if not rows:
+            return None, self.load(aggregate_id)
+        version, topic, state = rows[0]
+        events = self.store._query(
+            f"SELECT originator_version, topic, state FROM {self._events} WHERE originator_id = %s "
+            "AND originator_version > %s ORDER BY originator_version", (aggregate_id, version))
+        return (StoredEvent(aggregate_id, version, topic, bytes(state)),
+                [StoredEvent(aggregate_id, r[0], r[1], bytes(r[2])) for r in events])
 
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
         found: dict[UUID, list[StoredEvent]] = {i: [] for i in aggregate_ids}
@@ -120,6 +141,7 @@ class PostgresServiceStore(ServiceStore):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
         claim: Held | None = None,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         """Write everything in one transaction (see `ServiceStore.commit`); the log's insert is its last step.
 
@@ -141,6 +163,12 @@ class PostgresServiceStore(ServiceStore):
                         "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])",
                         ([e.originator_id for e in events], [e.originator_version for e in events],
                          [e.topic for e in events], [e.state for e in events]))
+                if snapshots:  # in the events' transaction: a snapshot is never ahead of them
+                    cur.executemany(
+                        f"INSERT INTO {self._snapshots} AS s VALUES (%s, %s, %s, %s) ON CONFLICT (originator_id) "
+                        "DO UPDATE SET originator_version = EXCLUDED.originator_version, topic = EXCLUDED.topic, "
+                        "state = EXCLUDED.state WHERE s.originator_version < EXCLUDED.originator_version",
+                        [(x.originator_id, x.originator_version, x.topic, x.state) for x in snapshots])
                 self._letters_of(cur, parked, updated)
                 checks = []
                 for status, run in groupby(deadlines, key=lambda t: t.status):  # in order, alike ones together

@@ -156,6 +156,7 @@ class _InMemoryServiceStore(ServiceStore):
         self._dead: list[DeadLetter] = []
         self._claims: dict[int, Claim] = {}  # by segment; empty: the service is not split
         self._alive: dict[str, float] = {}  # replicas' heartbeats: when each expires
+        self._snapshots: dict[UUID, StoredEvent] = {}
 
     # -- replicas (the store's clock is this process's monotonic clock) ----------------------
     def segments(self) -> int | None:
@@ -213,6 +214,12 @@ class _InMemoryServiceStore(ServiceStore):
         with self.store._changed:
             return list(self._events.get(aggregate_id, ()))
 
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        with self.store._changed:
+            snapshot = self._snapshots.get(aggregate_id)
+            after = snapshot.originator_version if snapshot is not None else 0
+            return snapshot, [e for e in self._events.get(aggregate_id, ()) if e.originator_version > after]
+
     def tracking(self) -> Tracking:
         return dict(self._tracking)
 
@@ -231,6 +238,7 @@ class _InMemoryServiceStore(ServiceStore):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
         claim: Held | None = None,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         with self.store._changed:
             if claim is not None:
@@ -258,6 +266,10 @@ class _InMemoryServiceStore(ServiceStore):
                 )
             for e in events:
                 self._events.setdefault(e.originator_id, []).append(e)  # type: ignore[arg-type]
+            for s in snapshots:
+                known = self._snapshots.get(s.originator_id)  # type: ignore[arg-type]
+                if known is None or s.originator_version > known.originator_version:
+                    self._snapshots[s.originator_id] = s  # type: ignore[index]
             for i, d in enumerate(parked, start=len(self._dead) + 1):
                 self._dead.append(_with_id(d, i))
             for d in updated:

@@ -105,6 +105,8 @@ CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (sa
 CREATE TABLE IF NOT EXISTS svc_{name}_claims (
     segment INTEGER PRIMARY KEY, owner TEXT, token INTEGER NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS svc_{name}_replicas (owner TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS svc_{name}_snapshots (
+    originator_id TEXT PRIMARY KEY, originator_version INTEGER NOT NULL, topic TEXT, state BLOB) WITHOUT ROWID;
 """
 #: SQLite's clock in seconds since the epoch (the store's clock of the replicas' leases)
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -438,6 +440,7 @@ class _SQLiteServiceStore(ServiceStore):
         self._deadlines = f"svc_{name}_deadlines"
         self._claims = f"svc_{name}_claims"
         self._replicas = f"svc_{name}_replicas"
+        self._snapshots = f"svc_{name}_snapshots"
 
     # -- replicas ------------------------------------------------------------------------
     def segments(self) -> int | None:
@@ -501,6 +504,27 @@ class _SQLiteServiceStore(ServiceStore):
         )
         return [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in rows]
 
+    def load_latest(self, aggregate_id: UUID) -> tuple[StoredEvent | None, list[StoredEvent]]:
+        try:
+            rows = self.store._query(
+                f"SELECT originator_version, topic, state FROM {self._snapshots} WHERE originator_id = ?",
+                (aggregate_id.hex,),
+            )
+        except sqlite3.OperationalError as e:  # a read-only store written before snapshots
+            if "no such table" not in str(e):
+                raise
+            rows = []
+        if not rows:
+            return None, self.load(aggregate_id)
+        version, topic, state = rows[0]
+        events = self.store._query(
+            f"SELECT originator_id, originator_version, topic, state FROM {self._events} "
+            "WHERE originator_id = ? AND originator_version > ? ORDER BY originator_version",
+            (aggregate_id.hex, version),
+        )
+        return (StoredEvent(aggregate_id, version, topic, state),
+                [StoredEvent(UUID(r[0]), r[1], r[2], r[3]) for r in events])
+
     def load_many(self, aggregate_ids: Iterable[UUID]) -> dict[UUID, list[StoredEvent]]:
         found: dict[UUID, list[StoredEvent]] = {i: [] for i in aggregate_ids}
         ids = [i.hex for i in found]
@@ -544,9 +568,10 @@ class _SQLiteServiceStore(ServiceStore):
         updated: Sequence[DeadLetter] = (),
         deadlines: Sequence[Deadline] = (),
         claim: Held | None = None,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         try:
-            self._commit(events, emitted, tracking, parked, handled, updated, deadlines, claim)
+            self._commit(events, emitted, tracking, parked, handled, updated, deadlines, claim, snapshots)
         except _IdTaken:  # rolled back: the ids found in the log now are those taken before
             ids = [env.event_id for env in emitted]
             twice = {i for i, n in Counter(ids).items() if n > 1}
@@ -575,6 +600,7 @@ class _SQLiteServiceStore(ServiceStore):
         updated: Sequence[DeadLetter],
         deadlines: Sequence[Deadline],
         claim: Held | None = None,
+        snapshots: Sequence[StoredEvent] = (),
     ) -> None:
         with self.store._write() as c:
             if claim is not None:  # first: a replica that lost a segment writes nothing
@@ -589,6 +615,14 @@ class _SQLiteServiceStore(ServiceStore):
                         (e.originator_id.hex, e.originator_version, e.topic, e.state)  # type: ignore[union-attr]
                         for e in events
                     ],
+                )
+            if snapshots:  # in the events' transaction: a snapshot is never ahead of them
+                c.c.executemany(
+                    f"INSERT INTO {self._snapshots} VALUES (?,?,?,?) ON CONFLICT (originator_id) DO UPDATE SET "
+                    "originator_version = excluded.originator_version, topic = excluded.topic, "
+                    "state = excluded.state WHERE excluded.originator_version > originator_version",
+                    [(s.originator_id.hex, s.originator_version, s.topic, s.state)  # type: ignore[union-attr]
+                     for s in snapshots],
                 )
             if emitted:
                 try:
