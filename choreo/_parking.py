@@ -55,24 +55,14 @@ class Parking:
     held: set[str]
     next_retry_at: datetime | None
 
-    def _new_uow(self) -> UnitOfWork:  # provided by Processor
-        raise NotImplementedError
-
-    async def _handle(self, env: Envelope, uow: UnitOfWork) -> None:
-        raise NotImplementedError
-
-    async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
-                      updated: Sequence[DeadLetter] = ()) -> None:
-        raise NotImplementedError
-
-    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _force_failure(self, env: Envelope, command: CompensationRequested) -> None:
-        raise NotImplementedError
-
-    def _mine(self, saga_id: str) -> bool:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the other parts of Processor (nothing at run time: no shadowing)
+        def _new_uow(self) -> UnitOfWork: ...
+        async def _handle(self, env: Envelope, uow: UnitOfWork) -> None: ...
+        async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
+                          updated: Sequence[DeadLetter] = ()) -> None: ...
+        async def _io(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+        async def _force_failure(self, env: Envelope, command: CompensationRequested) -> None: ...
+        def _mine(self, saga_id: str) -> bool: ...
 
     # -- one attempt ----------------------------------------------------------------------
     async def _attempt(self, env: Envelope, letter: DeadLetter | None = None,

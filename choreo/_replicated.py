@@ -32,8 +32,8 @@ class Replicated:
     replica: Replica | None
     _held: Held
 
-    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:  # provided by Processor
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Processor (nothing at run time: no shadowing)
+        async def _io(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
     def _replica_of(self, settings: ReplicaSettings | None) -> Replica | None:
         """This process's replica of the service: as asked, or because its work is split already."""

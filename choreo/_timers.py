@@ -50,27 +50,15 @@ class Timers:
     #: failed attempts of each deadline, in this process (a restart gives it a full round again)
     deadline_failures: dict[str, int]
 
-    def _new_uow(self) -> UnitOfWork:  # provided by Processor
-        raise NotImplementedError
-
-    def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation:
-        raise NotImplementedError
-
-    async def _failed(self, uow: UnitOfWork, failure: Envelope) -> Participation:
-        raise NotImplementedError
-
-    async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
-                      updated: Sequence[DeadLetter] = ()) -> None:
-        raise NotImplementedError
-
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise NotImplementedError
-
-    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise NotImplementedError
-
-    def _mine(self, saga_id: str) -> bool:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the other parts of Processor (nothing at run time: no shadowing)
+        def _new_uow(self) -> UnitOfWork: ...
+        def _participation(self, uow: UnitOfWork, saga_id: str, create: bool = True) -> Participation: ...
+        async def _failed(self, uow: UnitOfWork, failure: Envelope) -> Participation: ...
+        async def _commit(self, uow: UnitOfWork, done: Sequence[Envelope], parked: Sequence[DeadLetter] = (),
+                          updated: Sequence[DeadLetter] = ()) -> None: ...
+        async def _call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+        async def _io(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+        def _mine(self, saga_id: str) -> bool: ...
 
     def _schedule(self, env: Envelope, uow: UnitOfWork) -> None:
         """Schedule or cancel this service's deadlines that `env` starts or cancels."""
