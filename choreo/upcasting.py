@@ -323,6 +323,9 @@ class _UpcastingFeed(Feed):
     def caught_up(self) -> bool:
         return self.inner.caught_up()
 
+    def reassigned(self) -> bool:
+        return self.inner.reassigned()
+
     def close(self) -> None:
         self.inner.close()
 

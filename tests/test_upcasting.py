@@ -336,3 +336,15 @@ def test_when_a_part_of_a_split_event_fails_it_is_parked_and_the_other_part_hand
     assert [(d.saga_id, d.type) for d in parked] == [("s-2", "evo.TagAdded")] and "boom" in parked[0].reason
     assert store.service("crm").tracking() == {"log": 3}
     store.close()
+
+
+def test_the_upcasting_feed_forwards_every_method_of_a_feed() -> None:
+    """A method of `Feed` that the wrapper does not forward would answer with Feed's default
+    (as `reassigned()` once did, so a Kafka replica given a partition did not reload its state)."""
+    import inspect
+
+    from choreo.store import Feed
+    from choreo.upcasting import _UpcastingFeed
+
+    public = {n for n, f in inspect.getmembers(Feed, inspect.isfunction) if not n.startswith("_")}
+    assert public <= set(vars(_UpcastingFeed)), sorted(public - set(vars(_UpcastingFeed)))
