@@ -654,23 +654,29 @@ class _KafkaFeed(Feed):
         ]
 
     def _poll_consumer(self, limit: int, timeout: float) -> Any:
-        """Poll the consumer; while the group is joining, keep polling (up to `_JOIN_WAIT` seconds) until it
-        assigned the partitions.
+        """Poll the consumer; if its group is joining, then wait (up to `_JOIN_WAIT` seconds) until the join ends.
 
         kafka-python sends JoinGroup and SyncGroup in the background; a poll whose timeout ends
-        first leaves them running, and the next poll takes their result. But a join that completes
-        between two polls is thrown away and a new one is sent (kafka-python 3.0.12), which makes the
-        whole group join again. A replica that polls with short timeouts and works between polls
-        (every busy replica on a loaded machine) can then keep its group rejoining for minutes,
-        its partitions unowned. So a poll waits for the join; the replica has nothing else to do
+        first leaves them under way, and the next poll takes their result. But a join that
+        completes between two polls is thrown away and a new one is sent (kafka-python 3.0.12),
+        which makes the whole group join again. A replica that polls with short timeouts and
+        works between polls (every busy replica on a loaded machine) could keep its group
+        rejoining for minutes, its partitions unowned. So the feed waits for the join in one
+        call, with no gap in which it could complete; the replica has nothing else to do
         meanwhile (the join revoked its partitions).
         """
-        deadline = time.monotonic() + max(timeout, _JOIN_WAIT)
         got = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=limit)
-        while not got and self.joining and self._failure is None and (left := deadline - time.monotonic()) > 0:
-            got = self.consumer.poll(timeout_ms=max(1, int(min(left, max(timeout, 0.1)) * 1000)), max_records=limit)
         if got:
             self.joining = False  # records come only to a member of a formed group
+            return got
+        join = getattr(getattr(self.consumer, "_coordinator", None), "ensure_active_group", None)
+        deadline = time.monotonic() + max(timeout, _JOIN_WAIT)
+        while self.joining and self._failure is None and (left := deadline - time.monotonic()) > 0:
+            if join is not None:  # True once the group assigned the partitions (and the listener ran)
+                if join(timeout_ms=max(1, int(left * 1000))):
+                    self.joining = False
+            elif got := self.consumer.poll(timeout_ms=max(1, int(min(left, 1.0) * 1000)), max_records=limit):
+                self.joining = False
         return got
 
     def caught_up(self) -> bool:
