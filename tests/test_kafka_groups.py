@@ -102,6 +102,26 @@ def test_a_processor_that_lost_its_partitions_stops_committing_for_them(kafka_ur
     other.close()
 
 
+def test_a_replica_busy_between_its_polls_still_joins_its_group(kafka_url: str) -> None:
+    # kafka-python finishes a join in the background and throws it away if it completed between two polls
+    # (it sends a new one): the feed's poll waits for the join instead of returning while it is under way
+    store = kafka(kafka_url)
+    own = store.service("echo")
+    feed = store.feed("echo", own.tracking)
+    started = time.monotonic()
+    try:
+        while True:
+            feed.poll(100, 0.2)
+            if own.owner.owned:  # type: ignore[attr-defined]
+                break
+            assert time.monotonic() - started < 30, "never joined: each join completed between two polls"
+            time.sleep(3)  # a long batch, or a loaded machine: longer than the broker takes for a join
+        assert set(own.owner.owned) == set(range(store.partition_count()))  # type: ignore[attr-defined]
+    finally:
+        feed.close()
+        store.close()
+
+
 holder = Service("holder")
 
 

@@ -81,6 +81,8 @@ _BROKEN_PRODUCER = (UnknownProducerIdError, OutOfOrderSequenceNumberError, Inval
                     InvalidProducerIdMappingError)
 #: how many times one delivery replaces a broken producer before it gives up (the caller retries later)
 _PRODUCER_RENEWALS = 2
+#: how long one poll of a group feed waits for its group's join (see `_KafkaFeed._poll_consumer`)
+_JOIN_WAIT = 10.0
 
 
 @dataclass
@@ -501,11 +503,13 @@ class _Assigned(ConsumerRebalanceListener):
         self.feed = feed
 
     def on_partitions_revoked(self, revoked: Any) -> None:
+        self.feed.joining = True  # (eager protocol) called before every join of the group, the first too
         self.feed.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         # kafka-python logs what a listener raises and raises a vaguer KafkaError from poll();
         # the feed keeps the error and raises it itself from its next poll.
+        self.feed.joining = False
         try:
             self.feed.take(assigned)
         except Exception as e:
@@ -531,6 +535,8 @@ class _KafkaFeed(Feed):
         self._failure: Exception | None = None  # why, to raise from the next poll
         self._moved = False  # partitions were assigned since `reassigned()` was last asked
         self._advice: dict[int, int] = {}  # positions committed locally, to commit to Kafka too
+        #: the group is (re)joining: it revoked this reader's partitions and has not assigned them again
+        self.joining = False
         #: the service's own store: a replica claims its partitions there and commits only for those
         self.own = own
         if own is not None:
@@ -632,7 +638,7 @@ class _KafkaFeed(Feed):
             if lost - self.consumer.paused():
                 self.consumer.pause(*lost)
         try:
-            got = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=limit)
+            got = self._poll_consumer(limit, timeout)
         except KafkaError as e:
             if self._failure is not None:
                 raise self._failure from None
@@ -646,6 +652,34 @@ class _KafkaFeed(Feed):
             for r in got[tp]
             if self._wanted(r.headers)
         ]
+
+    def _poll_consumer(self, limit: int, timeout: float) -> Any:
+        """Poll the consumer; if its group is joining, then wait (up to `_JOIN_WAIT` seconds) until the join ends.
+
+        kafka-python sends JoinGroup and SyncGroup in the background; a poll whose timeout ends
+        first leaves them under way, and the next poll takes their result. But a join that
+        completes between two polls is thrown away and a new one is sent (kafka-python 3.0.12),
+        which makes the whole group join again. A replica that polls with short timeouts and
+        works between polls (every busy replica on a loaded machine) could keep its group
+        rejoining for minutes, its partitions unowned. So the feed waits for the join in one
+        call, with no gap in which it could complete; the replica has nothing else to do
+        meanwhile (the join revoked its partitions). The wait is kafka-python's own
+        (`ensure_active_group()` of the consumer's coordinator, a private attribute); without it,
+        polls in 1-second slices.
+        """
+        got = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=limit)
+        if got:
+            self.joining = False  # records come only to a member of a formed group
+            return got
+        join = getattr(getattr(self.consumer, "_coordinator", None), "ensure_active_group", None)
+        deadline = time.monotonic() + max(timeout, _JOIN_WAIT)
+        while self.joining and self._failure is None and (left := deadline - time.monotonic()) > 0:
+            if join is not None:  # True once the group assigned the partitions (and the listener ran)
+                if join(timeout_ms=max(1, int(left * 1000))):
+                    self.joining = False
+            elif got := self.consumer.poll(timeout_ms=max(1, int(min(left, 1.0) * 1000)), max_records=limit):
+                self.joining = False
+        return got
 
     def caught_up(self) -> bool:
         """Whether the reader has read each of its partitions up to the end the broker last reported."""
