@@ -5,8 +5,12 @@ into a per-saga document (state, steps, cause) and appends the event's timeline
 entry to the saga's journal; documents, journal entries and its own tracking
 position are committed together, so it processes each event exactly once and
 resumes after a restart. A batch writes each touched document once and each
-entry once (a saga's timeline is never rewritten). `replay()` rebuilds from
-position 0 and gives exactly what incremental updates give: both use `apply()`.
+entry once (a saga's timeline is never rewritten). Where the documents are stored
+beside the log (`DocumentStore.beside_log`: SQLite), a timeline is not copied: it is
+read back from the log by saga id, keeping the events the saga's document has folded
+(only an event whose saga id is not text, which the index cannot find, is copied).
+`replay()` rebuilds from position 0 and gives exactly what incremental updates give:
+both use `apply()`.
 
 Several writers may update one projection at once (every `choreo sagas list` is
 one): a batch commits only if the stored tracking, and the generation that every
@@ -37,7 +41,7 @@ from choreo.errors import ConcurrencyConflict, StoreError
 from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
-from choreo.store import EventStore, Feed, Row, Tracking, advance_rows
+from choreo.store import DocumentStore, EventStore, Feed, Row, Tracking, advance_rows
 
 log = logging.getLogger("choreo.projection")
 
@@ -47,12 +51,14 @@ NO_SAGA = ""
 #: The key under which `SagaProjection.counts()` reports the events without a saga id.
 NO_SAGA_COUNT = "events_without_saga_id"
 #: The version of `apply()` and `entry_of()`: a projection stored by another version is rebuilt.
-FOLD_VERSION = 2
+FOLD_VERSION = 3
 #: The metadata entry that each rebuild (`clear()`) of the projection sets to a new value.
 GENERATION = "generation"
 _NOTES = frozenset({HandlerRetried.event_type, EventParked.event_type, DeadLetterResolved.event_type})
 _PARKED, _RESOLVED = EventParked.event_type, DeadLetterResolved.event_type
 _COMPLETED, _FAILED = SagaCompleted.event_type, SagaFailed.event_type
+_ENDS = (_COMPLETED, _FAILED)
+_OUT_COMPLETED, _OUT_FAILED = str(Outcome.COMPLETED.value), str(Outcome.FAILED.value)
 _SEEN = "event_ids"  # every event a saga document has folded in (redeliveries are ignored)
 _HIDDEN = frozenset({_SEEN, "timeline"})
 #: the name of the projection's documents in the store (`rm_sagas_*` tables on SQLite)
@@ -74,6 +80,9 @@ def parse_time(text: Any) -> datetime | None:
     except (TypeError, ValueError):
         return None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+_fromisoformat = datetime.fromisoformat
 
 
 def _stored_time(when: Any) -> str | None:
@@ -107,7 +116,10 @@ def entry_of(row: Row) -> list[Any]:
             and (outcome is None or type(outcome) is str)) and (problems := _not_text(row)):
         return _garbled(row, problems)
     extra: dict[str, Any] = {}
-    at = _stored_time(when)
+    try:  # `_stored_time()`, inline: this runs for every event of a rebuild
+        at = when if _fromisoformat(when).tzinfo and type(when) is str else _stored_time(when)
+    except (TypeError, ValueError):
+        at = None
     entry = [position, event_id, kind, service, step, outcome, at, causation_id, extra]
     if at is None:
         extra["unknown"] = f"{kind}: occurred_at {when!r} is not an ISO 8601 time"
@@ -125,7 +137,7 @@ def entry_of(row: Row) -> list[Any]:
         return entry
     if kind == _FAILED:
         extra["cause"] = _end_cause(payload)
-    elif outcome == Outcome.FAILED:
+    elif outcome == _OUT_FAILED:
         reason = payload.get("reason")
         extra["cause"] = f"{kind}: {reason}" if reason else kind
     if kind in _NOTES:
@@ -203,6 +215,7 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
 
     Returns False, changing nothing, if the saga has this event already.
     """
+    # Written for speed (a rebuild calls it for every event): locals, plain strings, no helpers on the common path.
     seen, event_id = saga[_SEEN], entry[_ID]
     if event_id in seen:
         return False  # the same event delivered again
@@ -210,7 +223,7 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
     when, kind, extra = entry[_AT], entry[_TYPE], entry[_EXTRA]
     if when is not None:
         saga["updated_at"] = when
-    if "unknown" in extra:
+    if extra and "unknown" in extra:
         saga["unknown_events"] += 1
         return True
     steps = saga["steps"]
@@ -220,37 +233,39 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
         saga["saga_type"] = started.name if started else kind
         if started:
             for name in started.steps:
-                steps[name] = _step(None)
-    if kind in (_COMPLETED, _FAILED):
+                steps[name] = {"service": None, "status": "pending", "events": []}
+    if kind in _ENDS:
         _end(saga, kind, extra, when)
         return True
-    definition = catalog.by_name.get(saga["saga_type"])
-    step, outcome, service = entry[_STEP], entry[_OUTCOME], entry[_SERVICE]
-    if kind == _PARKED:
-        saga["parked"] = saga.get("parked", 0) + 1
-    elif kind == _RESOLVED:
-        saga["parked"] = max(0, saga.get("parked", 0) - 1)
-    if step and "attempts" in extra:  # retries and parking, shown on the step they concern
-        info = steps.get(step) or steps.setdefault(step, _step(service))
-        info["attempts"] = info.get("attempts", 1) + extra["attempts"] - 1
+    step, outcome = entry[_STEP], entry[_OUTCOME]
+    if extra:  # parking, resolving and retries always have extras (a note, attempts)
         if kind == _PARKED:
-            info["parked"] = extra["note"]
-    if outcome == Outcome.FAILED and not step and saga["cause"] is None:  # a deadline or an operator
-        saga["cause"] = f"{service}: {extra.get('cause', kind)}"
+            saga["parked"] = saga.get("parked", 0) + 1
+        elif kind == _RESOLVED:
+            saga["parked"] = max(0, saga.get("parked", 0) - 1)
+        if step and "attempts" in extra:  # retries and parking, shown on the step they concern
+            info = steps.get(step) or steps.setdefault(step, _step(entry[_SERVICE]))
+            info["attempts"] = info.get("attempts", 1) + extra["attempts"] - 1
+            if kind == _PARKED:
+                info["parked"] = extra["note"]
+    if outcome == _OUT_FAILED and not step and saga["cause"] is None:  # a deadline or an operator
+        saga["cause"] = f"{entry[_SERVICE]}: {extra.get('cause', kind)}"
     if step and outcome:
+        service = entry[_SERVICE]
         info = steps.get(step) or steps.setdefault(step, _step(service))
         info["service"] = service
         info["events"].append(event_id)
         info[f"{outcome}_at"] = when
         info["status"] = outcome
-        if outcome == Outcome.FAILED and saga["cause"] is None:
+        if outcome == _OUT_FAILED and saga["cause"] is None:
             saga["cause"] = f"{step}: {extra.get('cause', kind)}"
     failed = saga["cause"] is not None
     if failed:
         for info in steps.values():
-            if info["status"] == Outcome.COMPLETED:
+            if info["status"] == _OUT_COMPLETED:
                 info["status"] = "compensating"
     if saga["ended_at"] is None:
+        definition = catalog.by_name.get(saga["saga_type"])
         if definition and kind in definition.end_types:
             saga["ended_at"] = when
         if failed:
@@ -326,6 +341,8 @@ class SagaProjection:
         self.batch_size = batch_size
         self.read_only = store.read_only if read_only is None else read_only
         self.documents = store.documents(DOCUMENTS)
+        self._beside_log = self.documents.beside_log  # timelines are read from the log, not copied
+        self._cache: dict[str, dict[str, Any]] = {}  # the last committed batch's documents, as stored
         #: what the stored fold must have been built with: this fold and these definitions
         self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
         self._feed: Feed | None = None
@@ -341,6 +358,7 @@ class SagaProjection:
         `ConcurrencyConflict` if another writer with other definitions keeps rebuilding it.
         """
         feed = self._writable_feed()
+        self._cache = {}  # another writer may have moved on since the last update
         rebuilt = self._sync(feed, rebuilt=False, rewind=False)
         total = 0
         size = self.store.size_hint()
@@ -351,8 +369,10 @@ class SagaProjection:
                 self.documents.put(touched, tracking=reached, appended=timelines, expected=self._base,
                                    expected_meta={**self.meta, GENERATION: self._generation})
             except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
+                self._cache = {}
                 rebuilt = self._sync(feed, rebuilt, rewind=True)
                 continue
+            self._cache = touched  # what is now stored: the next batch's sagas that continue are found here
             self._base = {**self._base, **reached}
             total += len(batch)
             if progress:
@@ -442,8 +462,13 @@ class SagaProjection:
 
     def _fold(self, batch: Sequence[Row]) -> tuple[dict[str, dict[str, Any]], dict[str, list[list[Any]]]]:
         """Fold a batch into the documents it touches; return them and the new timeline entries by saga."""
-        touched = self.documents.get_many({str(row[4]) if row[4] else NO_SAGA for row in batch})
+        keys = {str(row[4]) if row[4] else NO_SAGA for row in batch}
+        cache = self._cache
+        touched = {key: cache[key] for key in keys if key in cache}
+        if len(touched) < len(keys):
+            touched.update(self.documents.get_many(keys.difference(touched)))
         timelines: dict[str, list[list[Any]]] = {}
+        copy_all = not self._beside_log
         for row in batch:
             saga_id = str(row[4]) if row[4] else NO_SAGA
             saga = touched.get(saga_id)
@@ -456,9 +481,13 @@ class SagaProjection:
             if saga is None:
                 saga = touched[saga_id] = new_saga(saga_id)
             entry = entry_of(row)
-            if apply(saga, entry, self.catalog):
-                timelines.setdefault(saga_id, []).append(entry)
+            if apply(saga, entry, self.catalog) and (copy_all or type(row[4]) is not str):
+                timelines.setdefault(saga_id, []).append(entry)  # else the log keeps it
         return touched, timelines
+
+    def timeline(self, saga_id: str, saga: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        """One saga's timeline entries as stored (see `FIELDS`), in the order folded; see `stored_timeline()`."""
+        return stored_timeline(self.documents, saga_id, saga)
 
     def get(self, saga_id: str, *, as_of: int | datetime | None = None) -> dict[str, Any] | None:
         """One saga's document (state, steps, timeline), optionally as it stood at a position or time.
@@ -468,7 +497,7 @@ class SagaProjection:
         saga = self.documents.get(saga_id) if saga_id != NO_SAGA else None
         if saga is None:
             return None
-        timeline = self.documents.entries(saga_id)
+        timeline = self.timeline(saga_id, saga)
         if as_of is not None:
             saga, upto = new_saga(saga_id), []
             for entry in timeline:
@@ -521,6 +550,28 @@ class SagaProjection:
         if orphans and orphans[_SEEN]:
             counts[NO_SAGA_COUNT] = len(orphans[_SEEN])
         return dict(sorted(counts.items()))
+
+
+def stored_timeline(documents: DocumentStore, saga_id: str, saga: Mapping[str, Any] | None = None) -> list[list[Any]]:
+    """A saga's timeline entries as the projection in `documents` stores them, in the order folded.
+
+    Beside the log (`documents.beside_log`) they are the saga's log rows that its document
+    (`saga`, else the stored one) has folded, each once, merged by position with the
+    entries copied for events the log's index cannot find; elsewhere, the copied entries.
+    """
+    entries = documents.entries(saga_id)
+    rows = documents.log_rows(saga_id) if documents.beside_log and saga_id != NO_SAGA else None
+    if rows is None:
+        return entries
+    if saga is None:
+        saga = documents.get(saga_id)
+    seen = set(saga[_SEEN]) if saga else set()
+    for row in rows:
+        entry = entry_of(row)
+        if entry[_ID] in seen:
+            seen.discard(entry[_ID])  # each event once
+            entries.append(entry)
+    return sorted(entries, key=lambda e: e[_POSITION])
 
 
 def _shown(entry: Sequence[Any]) -> dict[str, Any]:

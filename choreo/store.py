@@ -219,6 +219,18 @@ class DocumentStore(ABC):
     def entries(self, key: str) -> list[Any]:
         """Return every entry (a JSON value) appended under `key`, oldest first."""
 
+    #: whether `log_rows()` reads the log this read model folds (it is stored beside it)
+    beside_log: bool = False
+
+    def log_rows(self, saga_id: str) -> list[Row] | None:
+        """Return the log's rows (see `ROW_FIELDS`) with this saga id, in log order, or None.
+
+        A read model stored beside the log it folds (in the same database, with an index on
+        saga id) returns them, so a saga's timeline is read from the log instead of copied
+        into entries; any other returns None (the default), and timelines are appended.
+        """
+        return None
+
     @abstractmethod
     def scan(self) -> Iterator[dict[str, Any]]:
         """Yield every document, one at a time."""

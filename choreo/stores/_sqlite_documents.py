@@ -11,6 +11,9 @@ Tables, created by the read model's first write (until then it reads as empty):
 tracking its batch started from, commits only if that is still what is stored; given
 metadata values too (the saga projection passes the generation that each of its
 rebuilds stores anew), only if those are still stored as well.
+
+The read model of a store's own log (`beside_log=True`) reads a saga's log rows by
+the log's index on saga id (`log_rows()`), so the saga projection copies no timeline.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from choreo.errors import ConcurrencyConflict
-from choreo.store import DocumentStore, Tracking
+from choreo.store import DocumentStore, Row, Tracking
 
 if TYPE_CHECKING:
     from choreo.stores.sqlite import SQLiteStore, _Cursor
@@ -39,9 +42,10 @@ CREATE TABLE IF NOT EXISTS rm_{name}_meta (name TEXT PRIMARY KEY, value TEXT NOT
 class SQLiteDocumentStore(DocumentStore):
     """A read model's tables; created by its first write, read as empty until then."""
 
-    def __init__(self, store: SQLiteStore, name: str) -> None:
+    def __init__(self, store: SQLiteStore, name: str, *, beside_log: bool = False) -> None:
         self.store = store
         self.name = name
+        self.beside_log = beside_log
         self._docs = f"rm_{name}_documents"
         self._entries = f"rm_{name}_entries"
         self._tracking = f"rm_{name}_tracking"
@@ -73,6 +77,9 @@ class SQLiteDocumentStore(DocumentStore):
             return []
         rows = self.store._query(f"SELECT entries FROM {self._entries} WHERE key = ? ORDER BY id", (key,))
         return [entry for row in rows for entry in orjson.loads(row[0])]
+
+    def log_rows(self, saga_id: str) -> list[Row] | None:
+        return self.store.saga_rows(saga_id) if self.beside_log else None
 
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted, found = list(keys), {}
