@@ -30,7 +30,9 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -61,6 +63,7 @@ _ENDS = (_COMPLETED, _FAILED)
 _OUT_COMPLETED, _OUT_FAILED = str(Outcome.COMPLETED.value), str(Outcome.FAILED.value)
 _SEEN = "event_ids"  # every event a saga document has folded in (redeliveries are ignored)
 _HIDDEN = frozenset({_SEEN, "timeline"})
+_FRESH_KEYS = 500_000  # how many keys a rebuild remembers having written (about 50 MB), at most
 #: the name of the projection's documents in the store (`rm_sagas_*` tables on SQLite)
 DOCUMENTS = "sagas"
 STATES = ("started", "running", "compensating", "completed", "failed", "stuck")
@@ -343,6 +346,10 @@ class SagaProjection:
         self.documents = store.documents(DOCUMENTS)
         self._beside_log = self.documents.beside_log  # timelines are read from the log, not copied
         self._cache: dict[str, dict[str, Any]] = {}  # the last committed batch's documents, as stored
+        # the keys written since the projection was empty (None: unknown); any other key is not stored
+        self._fresh: set[str] | None = None
+        self._pipeline = self._beside_log  # a database: a batch is written in a thread while the next is folded
+        self._pool: ThreadPoolExecutor | None = None
         #: what the stored fold must have been built with: this fold and these definitions
         self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
         self._feed: Feed | None = None
@@ -360,24 +367,73 @@ class SagaProjection:
         feed = self._writable_feed()
         self._cache = {}  # another writer may have moved on since the last update
         rebuilt = self._sync(feed, rebuilt=False, rewind=False)
+        self._fresh = self._empty()
         total = 0
         size = self.store.size_hint()
-        while batch := feed.poll_rows(self.batch_size, self.store.idle_timeout):
-            touched, timelines = self._fold(batch)
-            reached = advance_rows(batch)
-            try:
-                self.documents.put(touched, tracking=reached, appended=timelines, expected=self._base,
-                                   expected_meta={**self.meta, GENERATION: self._generation})
-            except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
-                self._cache = {}
-                rebuilt = self._sync(feed, rebuilt, rewind=True)
-                continue
-            self._cache = touched  # what is now stored: the next batch's sagas that continue are found here
+        pending: tuple[Future[None], int] | None = None  # the batch being written, and its size
+        meta = {**self.meta, GENERATION: self._generation}
+        while True:
+            batch = feed.poll_rows(self.batch_size, self.store.idle_timeout)
+            if batch:
+                touched, timelines = self._fold(batch)
+                reached = advance_rows(batch)
+                # written as JSON now: the next batch's fold goes on changing the documents
+                docs: dict[str, Any] = {k: orjson.dumps(v) for k, v in touched.items()} if self._pipeline else touched
+            if pending is not None:  # the previous batch must be stored before this one is written
+                try:
+                    pending[0].result()
+                except ConcurrencyConflict:  # another writer committed first: discard both batches, read again
+                    pending = None
+                    rebuilt = self._resync(feed, rebuilt)
+                    meta = {**self.meta, GENERATION: self._generation}
+                    continue
+                total += pending[1]
+                pending = None
+                if progress:
+                    progress(total, size)
+            if not batch:
+                return total
+            write = partial(self.documents.put, docs, tracking=reached, appended=timelines, expected=dict(self._base),
+                            expected_meta=meta)
+            if self._pipeline:  # written in another thread while this one reads and folds the next batch
+                pending = (self._writer().submit(write), len(batch))
+            else:
+                try:
+                    write()
+                except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
+                    rebuilt = self._resync(feed, rebuilt)
+                    meta = {**self.meta, GENERATION: self._generation}
+                    continue
+                total += len(batch)
+                if progress:
+                    progress(total, size)
+            self._cache = touched  # what is stored (or being stored): the next batch's sagas that continue are here
             self._base = {**self._base, **reached}
-            total += len(batch)
-            if progress:
-                progress(total, size)
-        return total
+            if self._fresh is not None:
+                self._fresh.update(touched)
+                if len(self._fresh) > _FRESH_KEYS:
+                    self._fresh = None
+
+    def _resync(self, feed: Feed, rebuilt: bool) -> bool:
+        """After a conflict: forget what this writer folded, rewind to what is stored; see `_sync()`."""
+        self._cache = {}
+        rebuilt = self._sync(feed, rebuilt, rewind=True)
+        self._fresh = self._empty()
+        return rebuilt
+
+    def _empty(self) -> set[str] | None:
+        """An empty set if nothing is stored (a rebuild: it will know every key it writes), else None.
+
+        If another writer stores something first, this one's next batch is refused (its
+        expected tracking is no longer the stored one) and it reads again.
+        """
+        return set() if not self._base and not self.documents.tracking() else None
+
+    def _writer(self) -> ThreadPoolExecutor:
+        """The thread that writes the batches (beside the log), started on first use."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="choreo-projection-writer")
+        return self._pool
 
     def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
         """Drop the read model and rebuild it from the start of the log."""
@@ -411,6 +467,9 @@ class SagaProjection:
         if self._feed is not None:
             self._feed.close()
             self._feed = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _writable_feed(self) -> Feed:
         if self.read_only:
@@ -463,10 +522,14 @@ class SagaProjection:
     def _fold(self, batch: Sequence[Row]) -> tuple[dict[str, dict[str, Any]], dict[str, list[list[Any]]]]:
         """Fold a batch into the documents it touches; return them and the new timeline entries by saga."""
         keys = {str(row[4]) if row[4] else NO_SAGA for row in batch}
-        cache = self._cache
+        cache, fresh = self._cache, self._fresh
         touched = {key: cache[key] for key in keys if key in cache}
         if len(touched) < len(keys):
-            touched.update(self.documents.get_many(keys.difference(touched)))
+            wanted = keys.difference(touched)
+            if fresh is not None:  # a rebuild: only the keys it wrote can be stored
+                wanted &= fresh
+            if wanted:
+                touched.update(self.documents.get_many(wanted))
         timelines: dict[str, list[list[Any]]] = {}
         copy_all = not self._beside_log
         for row in batch:

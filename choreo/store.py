@@ -198,7 +198,7 @@ class DocumentStore(ABC):
     @abstractmethod
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -206,7 +206,7 @@ class DocumentStore(ABC):
         expected_meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Store documents, append `appended[key]` to each key's entries, and move the tracking
-        forward, atomically.
+        forward, atomically. A document is a dict, or its JSON already encoded (UTF-8 `bytes`).
 
         Raises `ConcurrencyConflict`, writing nothing, if a position would not move forward;
         with `expected` (the tracking read before the batch), also if the stored tracking is

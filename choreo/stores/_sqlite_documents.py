@@ -94,7 +94,7 @@ class SQLiteDocumentStore(DocumentStore):
 
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -115,7 +115,7 @@ class SQLiteDocumentStore(DocumentStore):
                     raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
             c.c.executemany(
                 f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
-                [(k, orjson.dumps(v).decode()) for k, v in docs.items()],
+                [(k, (v if type(v) is bytes else orjson.dumps(v)).decode()) for k, v in docs.items()],
             )
             if appended:
                 c.c.executemany(
