@@ -26,10 +26,11 @@ writer with other definitions rebuilds it from position 0. A read-only projectio
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -364,6 +365,14 @@ class SagaProjection:
         from position 0. Raises `StoreError` if the projection is read-only, and
         `ConcurrencyConflict` if another writer with other definitions keeps rebuilding it.
         """
+        try:
+            return self._update(progress)
+        finally:
+            if self._pool is not None:  # no thread outlives an update
+                self._pool.shutdown()
+                self._pool = None
+
+    def _update(self, progress: Callable[[int, int | None], None] | None) -> int:
         feed = self._writable_feed()
         self._cache = {}  # another writer may have moved on since the last update
         rebuilt = self._sync(feed, rebuilt=False, rewind=False)
@@ -430,7 +439,7 @@ class SagaProjection:
         return set() if not self._base and not self.documents.tracking() else None
 
     def _writer(self) -> ThreadPoolExecutor:
-        """The thread that writes the batches (beside the log), started on first use."""
+        """The thread that writes the batches (beside the log), started on first use in an update."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="choreo-projection-writer")
         return self._pool
@@ -467,9 +476,6 @@ class SagaProjection:
         if self._feed is not None:
             self._feed.close()
             self._feed = None
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     def _writable_feed(self) -> Feed:
         if self.read_only:
@@ -579,11 +585,30 @@ class SagaProjection:
         saga["state"] = effective_state(saga, clock.now(), self.stuck_after)
         return saga
 
-    def list(self, where: SagaFilter | None = None) -> list[dict[str, Any]]:
-        """Summaries (no timeline) of the sagas that match `where`, oldest first."""
-        where = where or SagaFilter()
+    def list(self, where: SagaFilter | None = None, *, limit: int | None = None,
+             after: str | None = None) -> list[dict[str, Any]]:
+        """Summaries (no timeline) of the sagas that match `where`, oldest first (by start, then saga id).
+
+        A page: only the first `limit` of them, and only those listed after the saga `after`
+        (the last saga id of the previous page). Raises `KeyError` if there is no saga `after`,
+        and `ValueError` if `limit` is below 1.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        cursor: tuple[str, str] | None = None
+        if after is not None:
+            last = self.documents.get(after) if after != NO_SAGA else None
+            if last is None:
+                raise KeyError(after)
+            cursor = (last["started_at"] or "", after)
+        found = self._matching(where or SagaFilter(), cursor)
+        if limit is not None:
+            return heapq.nsmallest(limit, found, key=_order)
+        return sorted(found, key=_order)
+
+    def _matching(self, where: SagaFilter, cursor: tuple[str, str] | None) -> Iterator[dict[str, Any]]:
+        """The summaries of the sagas that match `where`, listed after `cursor`, in no order."""
         now = clock.now()
-        out = []
         for saga in self.documents.scan():
             if saga["saga_id"] == NO_SAGA:
                 continue
@@ -599,10 +624,11 @@ class SagaProjection:
                 continue
             if where.started_before and (started is None or started >= where.started_before):
                 continue
+            if cursor is not None and _order(saga) <= cursor:
+                continue
             summary = {k: v for k, v in saga.items() if k not in _HIDDEN}
             summary["state"] = state
-            out.append(summary)
-        return sorted(out, key=lambda s: (s["started_at"] or "", s["saga_id"]))
+            yield summary
 
     def counts(self) -> dict[str, int]:
         """How many sagas are in each state; and, under `NO_SAGA_COUNT`, how many events had no saga id."""
@@ -635,6 +661,11 @@ def stored_timeline(documents: DocumentStore, saga_id: str, saga: Mapping[str, A
             seen.discard(entry[_ID])  # each event once
             entries.append(entry)
     return sorted(entries, key=lambda e: e[_POSITION])
+
+
+def _order(saga: Mapping[str, Any]) -> tuple[str, str]:
+    """Where a saga is listed: by start time, then saga id."""
+    return (saga["started_at"] or "", saga["saga_id"])
 
 
 def _shown(entry: Sequence[Any]) -> dict[str, Any]:
