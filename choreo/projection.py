@@ -25,6 +25,7 @@ writer with other definitions rebuilds it from position 0. A read-only projectio
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import json
@@ -384,7 +385,13 @@ class SagaProjection:
         while True:
             batch = feed.poll_rows(self.batch_size, self.store.idle_timeout)
             if batch:
-                touched, timelines = self._fold(batch)
+                collecting = gc.isenabled()
+                gc.disable()  # a batch allocates many small acyclic objects: collecting them midway only costs
+                try:
+                    touched, timelines = self._fold(batch)
+                finally:
+                    if collecting:
+                        gc.enable()
                 reached = advance_rows(batch)
                 # written as JSON now: the next batch's fold goes on changing the documents
                 docs: dict[str, Any] = {k: orjson.dumps(v) for k, v in touched.items()} if self._pipeline else touched
