@@ -10,7 +10,7 @@
 3. sagas/s on Kafka (a tansu broker started for the run), each service in its own process
 4. saga latency p50/p99 (sequential sagas) for 1-3; and in one thread, one saga at a time:
    choreo's Runner.run_until_idle / eventsourcing's faster runner (`benchmarks.latency`)
-5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
+5. projection replay events/s / plain sqlite3 and / eventsourcing's decode (also by CPU time); peak RSS
 6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
 
 The results are also written to `--out` (default: benchmark-results.json).
@@ -78,7 +78,8 @@ def table(r: dict[str, Any]) -> str:
                  f"p50 {lat['eventsourcing_new_single_threaded_p50_ms']} ms"))
     rows.append(("5 replay: projection", f"{rp['projection']['events_per_s']} events/s",
                  f"{rp['projection_over_eventsourcing']}x eventsourcing decode "
-                 f"({rp['eventsourcing']['events_per_s']}/s), {rp['projection_over_sqlite3']}x sqlite3 "
+                 f"({rp['eventsourcing']['events_per_s']}/s; {rp['projection_over_eventsourcing_cpu']}x by CPU "
+                 f"time per event), {rp['projection_over_sqlite3']}x sqlite3 "
                  f"({rp['sqlite3']['events_per_s']}/s), peak RSS {rp['projection']['peak_rss_mb']} MB "
                  f"at {rp['log_events']} events"))
     rows.append(("6 I/O-bound: 4 steps wait 10 ms each", "", f"x CPU-only = / benchmark 1's choreo "
