@@ -61,6 +61,8 @@ def add_saga_commands(sub: Any) -> None:
     replay = add_command(sub, "replay", "drop the saga projection and rebuild it from position 0")
     add_store_option(replay)
     add_system_option(replay, _WHY)
+    replay.add_argument("--workers", type=_positive, default=1, metavar="N",
+                        help="fold in N processes at once, each taking a share of the sagas (SQLite; default: 1)")
     replay.set_defaults(func=_replay)
 
     project = add_command(sub, "project", "keep the saga projection up to date until SIGINT/SIGTERM")
@@ -202,7 +204,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     bar = sys.stderr.isatty()
     with open_existing(args.store, write=True) as store:
-        projection = SagaProjection(store, sagas=definitions)
+        projection = SagaProjection(store, sagas=definitions, workers=args.workers)
         count = projection.replay(progress if bar else None)
         if bar:
             sys.stderr.write("\n")

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from choreo import clock
+from choreo import _parallel_replay, clock
 from choreo.errors import ConcurrencyConflict, StoreError
 from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
@@ -339,11 +339,13 @@ class SagaProjection:
         stuck_after: timedelta | None = timedelta(minutes=5),
         batch_size: int = 10_000,
         read_only: bool | None = None,
+        workers: int = 1,
     ) -> None:
         self.store = store
         self.catalog = Catalog.of(sagas)
         self.stuck_after = stuck_after
         self.batch_size = batch_size
+        self.workers = workers  # processes that fold a rebuild (`replay()`) at once
         self.read_only = store.read_only if read_only is None else read_only
         self.documents = store.documents(DOCUMENTS)
         self._beside_log = self.documents.beside_log  # timelines are read from the log, not copied
@@ -452,11 +454,24 @@ class SagaProjection:
         return self._pool
 
     def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
-        """Drop the read model and rebuild it from the start of the log."""
+        """Drop the read model and rebuild it from the start of the log.
+
+        With `workers` above 1 and a SQLite store beside the log, the log up to its head is
+        folded in that many forked processes at once, each taking the sagas of one partition
+        (`choreo._parallel_replay`); what follows the head then as `update()`.
+        """
         feed = self._writable_feed()
         self._clear()
         feed.rewind()
-        return self.update(progress)
+        size = self.store.size_hint()
+        workers = _parallel_replay.workers_for(self, self.workers)
+        folded = 0
+        if size and workers > 1:
+            folded = _parallel_replay.rebuild(self, size, workers, {**self.meta, GENERATION: self._generation})
+            feed.rewind()
+            if progress and folded:
+                progress(folded, size)
+        return folded + self.update(progress)
 
     def outdated(self) -> str | None:
         """Why the stored projection was not built by this one's fold and saga definitions, or None.

@@ -9,6 +9,7 @@ copies every timeline entry and writes in the folding thread.
 from __future__ import annotations
 
 import random
+from uuid import uuid4
 import sqlite3
 from pathlib import Path
 
@@ -122,3 +123,46 @@ def test_a_rebuild_that_loses_its_race_to_another_writer_is_discarded_whole(tmp_
     reference.update()
     assert shown(mine) == shown(reference)
     store.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_rebuild_in_several_processes_equals_the_incremental_one(tmp_path: Path, workers: int) -> None:
+    path = tmp_path / "p.db"
+    store = open_store(f"sqlite:///{path}?durability=normal")
+    log = finished_log(20, seed=7)
+    store.append(log[:40])
+    conn = sqlite3.connect(path, isolation_level=None)  # rows the partitions must route alike: no saga id,
+    for saga_id in ("NULL", "''", "X'0102'", "'b''\\x01\\x02'''"):  # a BLOB id and the text naming it
+        conn.execute("INSERT INTO choreo_log (event_id, type, version, saga_id, service, occurred_at, payload) "
+                     f"VALUES ('{uuid4()}', 'Whatever', 1, {saga_id}, 'x', '2026-01-01T00:00:00+00:00', '{{}}')")
+    conn.close()
+    store.append(log[40:])
+    incremental = SagaProjection(store, sagas=SAGAS, batch_size=6, stuck_after=None, workers=1)
+    while incremental.update():
+        pass
+    expected, counts = shown(incremental), incremental.counts()
+    assert repr(b"\x01\x02") in expected and counts["events_without_saga_id"] == 2
+    parallel = SagaProjection(store, sagas=SAGAS, batch_size=6, stuck_after=None, workers=workers)
+    assert parallel.replay() == len(log) + 4
+    assert shown(parallel) == expected and parallel.counts() == counts
+    assert parallel.documents.position() == store.last_position()  # type: ignore[attr-defined]
+    store.append(finished_log(2, seed=8))  # and it goes on incrementally
+    parallel.update()
+    incremental.update()
+    assert shown(parallel) == shown(incremental)
+    store.close()
+
+
+def test_choreo_replay_folds_in_the_processes_it_is_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from choreo.cli import main
+
+    url = f"sqlite:///{tmp_path}/p.db?durability=normal"
+    with open_store(url) as store:
+        store.append(finished_log(6, seed=9))
+    assert main(["replay", "--workers", "2", "--store", url, "--system", "services:system"]) == 0
+    assert "into 6 sagas" in capsys.readouterr().out
+    with open_store(url) as store:
+        parallel = shown(SagaProjection(store, sagas=SAGAS, stuck_after=None, read_only=True))
+        fresh = SagaProjection(store, sagas=SAGAS, stuck_after=None)
+        fresh.replay()
+        assert shown(fresh) == parallel

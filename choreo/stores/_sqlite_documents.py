@@ -81,6 +81,24 @@ class SQLiteDocumentStore(DocumentStore):
     def log_rows(self, saga_id: str) -> list[Row] | None:
         return self.store.saga_rows(saga_id) if self.beside_log else None
 
+    # -- a rebuild in several processes (`choreo._parallel_replay`); SQLite only, beside the log
+    def partition_rows(self, after: int, upto: int, part: int, parts: int, limit: int) -> list[Row]:
+        """The log rows after `after` up to `upto` of the sagas in partition `part` of `parts`, in log order.
+
+        A saga's rows are all in one partition (by the last character of its id). Rows without
+        a saga id, and those whose saga id is not text or could be confused with the text a
+        projection names such a saga by (`b'...'`), are all in partition 0.
+        """
+        return self.store.partition_rows(after, upto, part, parts, limit)
+
+    def reopened(self) -> SQLiteDocumentStore:
+        """This read model on a new store object (its own connections): for a forked process."""
+        from choreo.stores.sqlite import SQLiteStore
+
+        store = SQLiteStore(self.store.path, durability=self.store.durability, lock_timeout=self.store.lock_timeout,
+                            wakeup=False)
+        return SQLiteDocumentStore(store, self.name, beside_log=self.beside_log)
+
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted, found = list(keys), {}
         if not self._has(self._docs):

@@ -308,6 +308,14 @@ class SQLiteStore(LogStore):
             lenient=True,
         )
 
+    def partition_rows(self, after: int, upto: int, part: int, parts: int, limit: int) -> list[Row]:
+        """`SQLiteDocumentStore.partition_rows()`: the rows of one partition of the sagas, in log order."""
+        return self._query(
+            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > ? AND position <= ? AND COALESCE("
+            "CASE WHEN typeof(saga_id) = 'text' AND saga_id NOT LIKE 'b''%' AND saga_id NOT LIKE 'b\"%' "
+            "THEN unicode(substr(saga_id, -1)) % ? END, 0) = ? ORDER BY position LIMIT ?",
+            (after, upto, parts, part, limit), lenient=True)
+
     def last_position(self) -> int:
         return self._query("SELECT MAX(position) FROM choreo_log")[0][0] or 0
 
