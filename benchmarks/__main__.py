@@ -76,7 +76,12 @@ def table(r: dict[str, Any]) -> str:
                  f"(p50 {lat['eventsourcing_' + lat['baseline_runner'] + '_p50_ms']} ms); p99 {lat['choreo_p99_ms']} "
                  f"ms; single_threaded p50 {lat['eventsourcing_single_threaded_p50_ms']} ms, new_single_threaded "
                  f"p50 {lat['eventsourcing_new_single_threaded_p50_ms']} ms"))
-    rows.append(("5 replay: projection", f"{rp['projection']['events_per_s']} events/s",
+    w2 = rp["projection_2_workers"]
+    rows.append(("5 replay: projection, 2 worker processes", f"{w2['events_per_s']} events/s",
+                 f"{rp['projection_2_workers_over_eventsourcing']}x eventsourcing decode "
+                 f"({rp['projection_2_workers_over_eventsourcing_cpu']}x by CPU time per event), peak RSS "
+                 f"{w2['peak_rss_mb']} MB + {w2['workers_peak_rss_mb']} MB per worker"))
+    rows.append(("5 replay: projection, one process", f"{rp['projection']['events_per_s']} events/s",
                  f"{rp['projection_over_eventsourcing']}x eventsourcing decode "
                  f"({rp['eventsourcing']['events_per_s']}/s; {rp['projection_over_eventsourcing_cpu']}x by CPU "
                  f"time per event), {rp['projection_over_sqlite3']}x sqlite3 "
