@@ -4,11 +4,13 @@
     python -m benchmarks --quick    # a small run (about 20 seconds here)
     python -m benchmarks --json     # the results as JSON on stdout
 
-1. sagas/s on SQLite, all services in one process: choreo / eventsourcing System; events/s / plain sqlite3
+1. sagas/s on SQLite, all services in one process: choreo / eventsourcing System (the faster of its
+   SingleThreadedRunner and NewSingleThreadedRunner; both in the JSON); events/s / plain sqlite3
 2. sagas/s on SQLite, each service in its own process
 3. sagas/s on Kafka (a tansu broker started for the run), each service in its own process
-4. saga latency p50/p99 (sequential sagas) for 1-3
-5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
+4. saga latency p50/p99 (sequential sagas) for 1-3; and in one thread, one saga at a time:
+   choreo's Runner.run_until_idle / eventsourcing's faster runner (`benchmarks.latency`)
+5. projection replay events/s / plain sqlite3 and / eventsourcing's decode (also by CPU time); peak RSS
 6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
 7. sagas/s and p50/p99 on PostgreSQL (a cluster started for the run), each service in its own process, vs 2
 8. restart to first handled event, one aggregate with 100k events (10k quick): with / without snapshots
@@ -28,7 +30,7 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from benchmarks import io_bound, postgres, replay, sagas, snapshots, throughput
+from benchmarks import io_bound, latency, postgres, replay, sagas, snapshots, throughput
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -39,6 +41,7 @@ def run(quick: bool) -> dict[str, Any]:
         "quick": quick,
     }
     results["1_sqlite_one_process"] = throughput.measure(n, rounds=2 if quick else 3)
+    results["4_latency_in_process_sequential"] = latency.measure(sequential, rounds=2 if quick else 3)
     results["6_io_bound"] = io_bound.measure(n, sequential // 2, results["1_sqlite_one_process"]["choreo_sagas_per_s"])
     with tempfile.TemporaryDirectory() as folder:
         results["4_latency_sqlite_one_process"] = sagas.measure(
@@ -60,7 +63,9 @@ def table(r: dict[str, Any]) -> str:
     one, rp = r["1_sqlite_one_process"], r["5_replay"]
     rows = [
         ("1 SQLite, one process: choreo", f"{one['choreo_sagas_per_s']} sagas/s",
-         f"{one['choreo_over_baseline']}x eventsourcing System ({one['baseline_sagas_per_s']} sagas/s)"),
+         f"{one['choreo_over_baseline']}x eventsourcing System, {one['baseline_runner']} runner "
+         f"({one['baseline_sagas_per_s']} sagas/s; single_threaded {one['baseline_single_threaded_sagas_per_s']}, "
+         f"new_single_threaded {one['baseline_new_single_threaded_sagas_per_s']})"),
         ("  events/s vs plain sqlite3", f"{one['choreo_events_per_s']} events/s",
          f"{one['choreo_over_sqlite3_events']}x sqlite3 inserts ({one['sqlite3_events_per_s']}/s)"),
     ]
@@ -69,9 +74,21 @@ def table(r: dict[str, Any]) -> str:
                       ("3_kafka_processes", "3 Kafka, a process per service")):
         m = r[key]
         rows.append((name, f"{m['sagas_per_s']} sagas/s", f"p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms"))
-    rows.append(("5 replay: projection", f"{rp['projection']['events_per_s']} events/s",
+    lat = r["4_latency_in_process_sequential"]
+    rows.append(("4 one thread, one saga at a time: choreo", f"p50 {lat['choreo_p50_ms']} ms",
+                 f"{lat['choreo_p50_over_baseline_p50']}x eventsourcing {lat['baseline_runner']} "
+                 f"(p50 {lat['eventsourcing_' + lat['baseline_runner'] + '_p50_ms']} ms); p99 {lat['choreo_p99_ms']} "
+                 f"ms; single_threaded p50 {lat['eventsourcing_single_threaded_p50_ms']} ms, new_single_threaded "
+                 f"p50 {lat['eventsourcing_new_single_threaded_p50_ms']} ms"))
+    w2 = rp["projection_2_workers"]
+    rows.append(("5 replay: projection, 2 worker processes", f"{w2['events_per_s']} events/s",
+                 f"{rp['projection_2_workers_over_eventsourcing']}x eventsourcing decode "
+                 f"({rp['projection_2_workers_over_eventsourcing_cpu']}x by CPU time per event), peak RSS "
+                 f"{w2['peak_rss_mb']} MB + {w2['workers_peak_rss_mb']} MB per worker"))
+    rows.append(("5 replay: projection, one process", f"{rp['projection']['events_per_s']} events/s",
                  f"{rp['projection_over_eventsourcing']}x eventsourcing decode "
-                 f"({rp['eventsourcing']['events_per_s']}/s), {rp['projection_over_sqlite3']}x sqlite3 "
+                 f"({rp['eventsourcing']['events_per_s']}/s; {rp['projection_over_eventsourcing_cpu']}x by CPU "
+                 f"time per event), {rp['projection_over_sqlite3']}x sqlite3 "
                  f"({rp['sqlite3']['events_per_s']}/s), peak RSS {rp['projection']['peak_rss_mb']} MB "
                  f"at {rp['log_events']} events"))
     rows.append(("6 I/O-bound: 4 steps wait 10 ms each", "", f"x CPU-only = / benchmark 1's choreo "

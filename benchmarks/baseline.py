@@ -2,9 +2,11 @@
 
 One process application per service (orders, inventory, payment, shipping, notification),
 each with its own SQLite file (`PERSISTENCE_MODULE=eventsourcing.sqlite`), run by
-`SingleThreadedRunner`. Happy path: OrderPlaced -> reserve -> charge -> ship -> notify -> confirm.
+`SingleThreadedRunner` or `NewSingleThreadedRunner` (`RUNNERS`). Happy path: OrderPlaced ->
+reserve -> charge -> ship -> notify -> confirm. Both runners process a saga to its end inside
+`Orders.place()`, in the calling thread.
 
-    python -m benchmarks.baseline --sagas 1000 [--json]
+    python -m benchmarks.baseline --sagas 1000 [--runner new_single_threaded] [--json]
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.application import ProcessingEvent
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate, event
-from eventsourcing.system import ProcessApplication, SingleThreadedRunner, System
+from eventsourcing.system import NewSingleThreadedRunner, ProcessApplication, Runner, SingleThreadedRunner, System
+
+#: eventsourcing's in-process runners, by the name the results give them
+RUNNERS: dict[str, type[Runner]] = {
+    "single_threaded": SingleThreadedRunner,
+    "new_single_threaded": NewSingleThreadedRunner,
+}
 
 
 def key(kind: str, order_id: str) -> UUID:
@@ -121,17 +129,22 @@ Shipping = type("Shipping", (_step(Charge, Shipment),), {})
 Notification = type("Notification", (_step(Shipment, Notice),), {})
 
 
-def measure(sagas: int, folder: str) -> dict[str, Any]:
-    """Run `sagas` happy-path sagas on eventsourcing's System; return sagas/s."""
+def _started(folder: str, runner: str) -> Runner:
     apps = (Orders, Inventory, Payment, Shipping, Notification)
     env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite"}
     for app in apps:
         env[f"{app.__name__.upper()}_SQLITE_DBNAME"] = os.path.join(folder, f"{app.__name__.lower()}.db")
     system = System(pipes=[[Orders, Inventory, Payment, Shipping, Notification, Orders]])
-    runner = SingleThreadedRunner(system, env=env)
-    runner.start()
+    started = RUNNERS[runner](system, env=env)
+    started.start()
+    return started
+
+
+def measure(sagas: int, folder: str, runner: str = "single_threaded") -> dict[str, Any]:
+    """Run `sagas` happy-path sagas on eventsourcing's System with `runner` (see `RUNNERS`); return sagas/s."""
+    running = _started(folder, runner)
     try:
-        orders = runner.get(Orders)
+        orders = running.get(Orders)
         orders.place("warm-up")
         started = time.perf_counter()
         for i in range(sagas):
@@ -139,18 +152,36 @@ def measure(sagas: int, folder: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         assert all(orders.is_confirmed(f"o-{i}") for i in range(0, sagas, max(1, sagas // 50)))
     finally:
-        runner.stop()
-    return {"sagas": sagas, "elapsed_s": round(elapsed, 3), "sagas_per_s": round(sagas / elapsed, 1)}
+        running.stop()
+    return {"runner": runner, "sagas": sagas, "elapsed_s": round(elapsed, 3), "sagas_per_s": round(sagas / elapsed, 1)}
+
+
+def latencies(sequential: int, folder: str, runner: str = "single_threaded") -> list[float]:
+    """Seconds from placing an order to its confirmation, one saga at a time, on `runner`."""
+    running = _started(folder, runner)
+    try:
+        orders = running.get(Orders)
+        orders.place("warm-up")
+        out = []
+        for i in range(sequential):
+            t0 = time.perf_counter()
+            orders.place(f"seq-{i}")
+            out.append(time.perf_counter() - t0)
+            assert orders.is_confirmed(f"seq-{i}")  # the runner ran the saga to its end inside place()
+    finally:
+        running.stop()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sagas", type=int, default=1000)
+    parser.add_argument("--runner", choices=sorted(RUNNERS), default="single_threaded")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        result = measure(args.sagas, folder)
+        result = measure(args.sagas, folder, args.runner)
     print(json.dumps(result) if args.json else "  ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 

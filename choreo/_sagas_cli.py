@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -46,6 +47,9 @@ def add_saga_commands(sub: Any) -> None:
     ls.add_argument("--since", help="only sagas started at or after this ISO time")
     ls.add_argument("--until", help="only sagas started before this ISO time")
     ls.add_argument("--stuck-for", type=seconds, metavar="SECONDS", help="only sagas with no progress for this long")
+    ls.add_argument("--limit", type=_positive, metavar="N", help="list at most N sagas (a page)")
+    ls.add_argument("--after", metavar="SAGA_ID",
+                    help="list the sagas after this one (the last saga id of the previous page)")
     ls.set_defaults(func=_list)
     show = add_command(sagas_sub, "show", "show one saga: summary, steps, timeline")
     projection_options(show)
@@ -57,6 +61,8 @@ def add_saga_commands(sub: Any) -> None:
     replay = add_command(sub, "replay", "drop the saga projection and rebuild it from position 0")
     add_store_option(replay)
     add_system_option(replay, _WHY)
+    replay.add_argument("--workers", type=_positive, default=1, metavar="N",
+                        help="fold in N processes at once, each taking a share of the sagas (SQLite; default: 1)")
     replay.set_defaults(func=_replay)
 
     project = add_command(sub, "project", "keep the saga projection up to date until SIGINT/SIGTERM")
@@ -85,8 +91,52 @@ def _projection(args: argparse.Namespace, store: EventStore) -> SagaProjection:
         print(f"choreo: warning: {projection.outdated()}; showing it as stored (run `choreo replay` to rebuild "
               "it with these definitions)", file=sys.stderr)
         return SagaProjection(store, sagas=_definitions(args), stuck_after=stuck, read_only=True)
-    projection.update()
+    progress = _CatchingUp(projection.documents.position())
+    projection.update(progress)
+    progress.finish()
     return projection
+
+
+#: seconds a catch-up may take before a query that is not on a terminal reports its progress
+PROGRESS_AFTER = 1.0
+
+
+class _CatchingUp:
+    """Progress of a query's catch-up on stderr: a bar on a terminal, else a line a second once it takes over
+    `PROGRESS_AFTER` seconds (a quick catch-up prints nothing)."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position  # where the projection stood in the log (its size hint counts from 0)
+        self.started = self.shown = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.drawn = False
+
+    def __call__(self, done: int, size: int | None) -> None:
+        now = time.monotonic()
+        of = f"/{max(done, size - self.position)}" if size else ""
+        if self.tty:
+            sys.stderr.write(f"\rchoreo: updating the saga projection: {done}{of} events")
+            self.drawn = True
+        elif now - self.started >= PROGRESS_AFTER and (now - self.shown >= 1.0 or self.shown == self.started):
+            sys.stderr.write(f"choreo: updating the saga projection: {done}{of} events\n")
+            self.shown = now
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Clear the bar (the query's output follows)."""
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number above 0: {text!r}")
+    return n
 
 
 def _open(args: argparse.Namespace) -> EventStore:
@@ -103,13 +153,21 @@ def _list(args: argparse.Namespace) -> int:
     )
     _definitions(args)  # a usage error before the store is opened
     with _open(args) as store:
-        sagas = _projection(args, store).list(where)
+        projection = _projection(args, store)
+        try:
+            # one more than the page, to tell whether there is a next one
+            sagas = projection.list(where, limit=args.limit + 1 if args.limit else None, after=args.after)
+        except KeyError:
+            print(f"choreo: --after: no saga {args.after!r} in {args.store or 'the store'}", file=sys.stderr)
+            return 1
+    more = args.limit is not None and len(sagas) > args.limit
+    sagas = sagas[: args.limit]
     if args.json:
         print(json.dumps(sagas, indent=2, sort_keys=True))
         return 0
     for s in sagas:
         print(f"{s['saga_id']}  {s['saga_type'] or '-':<18} {s['state']:<13} {s['started_at']}  {s['cause'] or ''}")
-    print(f"{len(sagas)} saga(s)")
+    print(f"{len(sagas)} saga(s)" + (f"; more after them: --after {sagas[-1]['saga_id']}" if more else ""))
     return 0
 
 
@@ -146,7 +204,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     bar = sys.stderr.isatty()
     with open_existing(args.store, write=True) as store:
-        projection = SagaProjection(store, sagas=definitions)
+        projection = SagaProjection(store, sagas=definitions, workers=args.workers)
         count = projection.replay(progress if bar else None)
         if bar:
             sys.stderr.write("\n")

@@ -5,8 +5,12 @@ into a per-saga document (state, steps, cause) and appends the event's timeline
 entry to the saga's journal; documents, journal entries and its own tracking
 position are committed together, so it processes each event exactly once and
 resumes after a restart. A batch writes each touched document once and each
-entry once (a saga's timeline is never rewritten). `replay()` rebuilds from
-position 0 and gives exactly what incremental updates give: both use `apply()`.
+entry once (a saga's timeline is never rewritten). Where the documents are stored
+beside the log (`DocumentStore.beside_log`: SQLite), a timeline is not copied: it is
+read back from the log by saga id, keeping the events the saga's document has folded
+(only an event whose saga id is not text, which the index cannot find, is copied).
+`replay()` rebuilds from position 0 and gives exactly what incremental updates give:
+both use `apply()`.
 
 Several writers may update one projection at once (every `choreo sagas list` is
 one): a batch commits only if the stored tracking, and the generation that every
@@ -21,24 +25,28 @@ writer with other definitions rebuilds it from position 0. A read-only projectio
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import heapq
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 
-from choreo import clock
+from choreo import _parallel_replay, clock
 from choreo.errors import ConcurrencyConflict, StoreError
 from choreo.events import Outcome, is_known_type
 from choreo.operations import DeadLetterResolved, EventParked, HandlerRetried
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
-from choreo.store import EventStore, Feed, Row, Tracking, advance_rows
 from choreo import upcasting
+from choreo.store import DocumentStore, EventStore, Feed, Row, Tracking, advance_rows
 from choreo.upcasting import check_upcasters, upcasting_feed
 
 log = logging.getLogger("choreo.projection")
@@ -49,14 +57,17 @@ NO_SAGA = ""
 #: The key under which `SagaProjection.counts()` reports the events without a saga id.
 NO_SAGA_COUNT = "events_without_saga_id"
 #: The version of `apply()` and `entry_of()`: a projection stored by another version is rebuilt.
-FOLD_VERSION = 2
+FOLD_VERSION = 3
 #: The metadata entry that each rebuild (`clear()`) of the projection sets to a new value.
 GENERATION = "generation"
 _NOTES = frozenset({HandlerRetried.event_type, EventParked.event_type, DeadLetterResolved.event_type})
 _PARKED, _RESOLVED = EventParked.event_type, DeadLetterResolved.event_type
 _COMPLETED, _FAILED = SagaCompleted.event_type, SagaFailed.event_type
+_ENDS = (_COMPLETED, _FAILED)
+_OUT_COMPLETED, _OUT_FAILED = str(Outcome.COMPLETED.value), str(Outcome.FAILED.value)
 _SEEN = "event_ids"  # every event a saga document has folded in (redeliveries are ignored)
 _HIDDEN = frozenset({_SEEN, "timeline"})
+_FRESH_KEYS = 500_000  # how many keys a rebuild remembers having written (about 50 MB), at most
 #: the name of the projection's documents in the store (`rm_sagas_*` tables on SQLite)
 DOCUMENTS = "sagas"
 STATES = ("started", "running", "compensating", "completed", "failed", "stuck")
@@ -76,6 +87,9 @@ def parse_time(text: Any) -> datetime | None:
     except (TypeError, ValueError):
         return None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+_fromisoformat = datetime.fromisoformat
 
 
 def _stored_time(when: Any) -> str | None:
@@ -109,7 +123,10 @@ def entry_of(row: Row) -> list[Any]:
             and (outcome is None or type(outcome) is str)) and (problems := _not_text(row)):
         return _garbled(row, problems)
     extra: dict[str, Any] = {}
-    at = _stored_time(when)
+    try:  # `_stored_time()`, inline: this runs for every event of a rebuild
+        at = when if _fromisoformat(when).tzinfo and type(when) is str else _stored_time(when)
+    except (TypeError, ValueError):
+        at = None
     entry = [position, event_id, kind, service, step, outcome, at, causation_id, extra]
     if at is None:
         extra["unknown"] = f"{kind}: occurred_at {when!r} is not an ISO 8601 time"
@@ -127,7 +144,7 @@ def entry_of(row: Row) -> list[Any]:
         return entry
     if kind == _FAILED:
         extra["cause"] = _end_cause(payload)
-    elif outcome == Outcome.FAILED:
+    elif outcome == _OUT_FAILED:
         reason = payload.get("reason")
         extra["cause"] = f"{kind}: {reason}" if reason else kind
     if kind in _NOTES:
@@ -205,6 +222,7 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
 
     Returns False, changing nothing, if the saga has this event already.
     """
+    # Written for speed (a rebuild calls it for every event): locals, plain strings, no helpers on the common path.
     seen, event_id = saga[_SEEN], entry[_ID]
     if event_id in seen:
         return False  # the same event delivered again
@@ -212,7 +230,7 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
     when, kind, extra = entry[_AT], entry[_TYPE], entry[_EXTRA]
     if when is not None:
         saga["updated_at"] = when
-    if "unknown" in extra:
+    if extra and "unknown" in extra:
         saga["unknown_events"] += 1
         return True
     steps = saga["steps"]
@@ -222,37 +240,39 @@ def apply(saga: dict[str, Any], entry: Sequence[Any], catalog: Catalog) -> bool:
         saga["saga_type"] = started.name if started else kind
         if started:
             for name in started.steps:
-                steps[name] = _step(None)
-    if kind in (_COMPLETED, _FAILED):
+                steps[name] = {"service": None, "status": "pending", "events": []}
+    if kind in _ENDS:
         _end(saga, kind, extra, when)
         return True
-    definition = catalog.by_name.get(saga["saga_type"])
-    step, outcome, service = entry[_STEP], entry[_OUTCOME], entry[_SERVICE]
-    if kind == _PARKED:
-        saga["parked"] = saga.get("parked", 0) + 1
-    elif kind == _RESOLVED:
-        saga["parked"] = max(0, saga.get("parked", 0) - 1)
-    if step and "attempts" in extra:  # retries and parking, shown on the step they concern
-        info = steps.get(step) or steps.setdefault(step, _step(service))
-        info["attempts"] = info.get("attempts", 1) + extra["attempts"] - 1
+    step, outcome = entry[_STEP], entry[_OUTCOME]
+    if extra:  # parking, resolving and retries always have extras (a note, attempts)
         if kind == _PARKED:
-            info["parked"] = extra["note"]
-    if outcome == Outcome.FAILED and not step and saga["cause"] is None:  # a deadline or an operator
-        saga["cause"] = f"{service}: {extra.get('cause', kind)}"
+            saga["parked"] = saga.get("parked", 0) + 1
+        elif kind == _RESOLVED:
+            saga["parked"] = max(0, saga.get("parked", 0) - 1)
+        if step and "attempts" in extra:  # retries and parking, shown on the step they concern
+            info = steps.get(step) or steps.setdefault(step, _step(entry[_SERVICE]))
+            info["attempts"] = info.get("attempts", 1) + extra["attempts"] - 1
+            if kind == _PARKED:
+                info["parked"] = extra["note"]
+    if outcome == _OUT_FAILED and not step and saga["cause"] is None:  # a deadline or an operator
+        saga["cause"] = f"{entry[_SERVICE]}: {extra.get('cause', kind)}"
     if step and outcome:
+        service = entry[_SERVICE]
         info = steps.get(step) or steps.setdefault(step, _step(service))
         info["service"] = service
         info["events"].append(event_id)
         info[f"{outcome}_at"] = when
         info["status"] = outcome
-        if outcome == Outcome.FAILED and saga["cause"] is None:
+        if outcome == _OUT_FAILED and saga["cause"] is None:
             saga["cause"] = f"{step}: {extra.get('cause', kind)}"
     failed = saga["cause"] is not None
     if failed:
         for info in steps.values():
-            if info["status"] == Outcome.COMPLETED:
+            if info["status"] == _OUT_COMPLETED:
                 info["status"] = "compensating"
     if saga["ended_at"] is None:
+        definition = catalog.by_name.get(saga["saga_type"])
         if definition and kind in definition.end_types:
             saga["ended_at"] = when
         if failed:
@@ -321,13 +341,21 @@ class SagaProjection:
         stuck_after: timedelta | None = timedelta(minutes=5),
         batch_size: int = 10_000,
         read_only: bool | None = None,
+        workers: int = 1,
     ) -> None:
         self.store = store
         self.catalog = Catalog.of(sagas)
         self.stuck_after = stuck_after
         self.batch_size = batch_size
+        self.workers = workers  # processes that fold a rebuild (`replay()`) at once
         self.read_only = store.read_only if read_only is None else read_only
         self.documents = store.documents(DOCUMENTS)
+        self._beside_log = self.documents.beside_log  # timelines are read from the log, not copied
+        self._cache: dict[str, dict[str, Any]] = {}  # the last committed batch's documents, as stored
+        # the keys written since the projection was empty (None: unknown); any other key is not stored
+        self._fresh: set[str] | None = None
+        self._pipeline = self._beside_log  # a database: a batch is written in a thread while the next is folded
+        self._pool: ThreadPoolExecutor | None = None
         #: what the stored fold must have been built with: this fold and these definitions
         self.meta: dict[str, Any] = {"fold": FOLD_VERSION, "catalog": self.catalog.fingerprint()}
         if upcasters := upcasting.fingerprint():  # old events read through other upcasters fold otherwise
@@ -345,31 +373,110 @@ class SagaProjection:
         from position 0. Raises `StoreError` if the projection is read-only, and
         `ConcurrencyConflict` if another writer with other definitions keeps rebuilding it.
         """
+        try:
+            return self._update(progress)
+        finally:
+            if self._pool is not None:  # no thread outlives an update
+                self._pool.shutdown()
+                self._pool = None
+
+    def _update(self, progress: Callable[[int, int | None], None] | None) -> int:
         feed = self._writable_feed()
+        self._cache = {}  # another writer may have moved on since the last update
         rebuilt = self._sync(feed, rebuilt=False, rewind=False)
+        self._fresh = self._empty()
         total = 0
         size = self.store.size_hint()
-        while batch := feed.poll_rows(self.batch_size, self.store.idle_timeout):
-            touched, timelines = self._fold(batch)
-            reached = advance_rows(batch)
-            try:
-                self.documents.put(touched, tracking=reached, appended=timelines, expected=self._base,
-                                   expected_meta={**self.meta, GENERATION: self._generation})
-            except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
-                rebuilt = self._sync(feed, rebuilt, rewind=True)
-                continue
+        pending: tuple[Future[None], int] | None = None  # the batch being written, and its size
+        meta = {**self.meta, GENERATION: self._generation}
+        while True:
+            batch = feed.poll_rows(self.batch_size, self.store.idle_timeout)
+            if batch:
+                collecting = gc.isenabled()
+                gc.disable()  # a batch allocates many small acyclic objects: collecting them midway only costs
+                try:
+                    touched, timelines = self._fold(batch)
+                finally:
+                    if collecting:
+                        gc.enable()
+                reached = advance_rows(batch)
+                # written as JSON now: the next batch's fold goes on changing the documents
+                docs: dict[str, Any] = {k: orjson.dumps(v) for k, v in touched.items()} if self._pipeline else touched
+            if pending is not None:  # the previous batch must be stored before this one is written
+                try:
+                    pending[0].result()
+                except ConcurrencyConflict:  # another writer committed first: discard both batches, read again
+                    pending = None
+                    rebuilt = self._resync(feed, rebuilt)
+                    meta = {**self.meta, GENERATION: self._generation}
+                    continue
+                total += pending[1]
+                pending = None
+                if progress:
+                    progress(total, size)
+            if not batch:
+                return total
+            write = partial(self.documents.put, docs, tracking=reached, appended=timelines, expected=dict(self._base),
+                            expected_meta=meta)
+            if self._pipeline:  # written in another thread while this one reads and folds the next batch
+                pending = (self._writer().submit(write), len(batch))
+            else:
+                try:
+                    write()
+                except ConcurrencyConflict:  # another writer committed first: discard the batch, read again
+                    rebuilt = self._resync(feed, rebuilt)
+                    meta = {**self.meta, GENERATION: self._generation}
+                    continue
+                total += len(batch)
+                if progress:
+                    progress(total, size)
+            self._cache = touched  # what is stored (or being stored): the next batch's sagas that continue are here
             self._base = {**self._base, **reached}
-            total += len(batch)
-            if progress:
-                progress(total, size)
-        return total
+            if self._fresh is not None:
+                self._fresh.update(touched)
+                if len(self._fresh) > _FRESH_KEYS:
+                    self._fresh = None
+
+    def _resync(self, feed: Feed, rebuilt: bool) -> bool:
+        """After a conflict: forget what this writer folded, rewind to what is stored; see `_sync()`."""
+        self._cache = {}
+        rebuilt = self._sync(feed, rebuilt, rewind=True)
+        self._fresh = self._empty()
+        return rebuilt
+
+    def _empty(self) -> set[str] | None:
+        """An empty set if nothing is stored (a rebuild: it will know every key it writes), else None.
+
+        If another writer stores something first, this one's next batch is refused (its
+        expected tracking is no longer the stored one) and it reads again.
+        """
+        return set() if not self._base and not self.documents.tracking() else None
+
+    def _writer(self) -> ThreadPoolExecutor:
+        """The thread that writes the batches (beside the log), started on first use in an update."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="choreo-projection-writer")
+        return self._pool
 
     def replay(self, progress: Callable[[int, int | None], None] | None = None) -> int:
-        """Drop the read model and rebuild it from the start of the log."""
+        """Drop the read model and rebuild it from the start of the log.
+
+        With `workers` above 1 and a SQLite store beside the log, the log up to its head is
+        folded in that many forked processes at once, each taking the sagas of one partition
+        (`choreo._parallel_replay`); what follows the head then as `update()`.
+        """
         feed = self._writable_feed()
         self._clear()
         feed.rewind()
-        return self.update(progress)
+        size = self.store.size_hint()
+        workers = _parallel_replay.workers_for(self, self.workers)
+        folded = 0
+        if size and workers > 1:
+            folded = _parallel_replay.rebuild(self, size, workers, {**self.meta, GENERATION: self._generation})
+            feed.rewind()
+            if progress and folded:
+                progress(folded, size)
+        return folded + self.update(progress)
 
     def outdated(self) -> str | None:
         """Why the stored projection was not built by this one's fold and saga definitions, or None.
@@ -449,8 +556,17 @@ class SagaProjection:
 
     def _fold(self, batch: Sequence[Row]) -> tuple[dict[str, dict[str, Any]], dict[str, list[list[Any]]]]:
         """Fold a batch into the documents it touches; return them and the new timeline entries by saga."""
-        touched = self.documents.get_many({str(row[4]) if row[4] else NO_SAGA for row in batch})
+        keys = {str(row[4]) if row[4] else NO_SAGA for row in batch}
+        cache, fresh = self._cache, self._fresh
+        touched = {key: cache[key] for key in keys if key in cache}
+        if len(touched) < len(keys):
+            wanted = keys.difference(touched)
+            if fresh is not None:  # a rebuild: only the keys it wrote can be stored
+                wanted &= fresh
+            if wanted:
+                touched.update(self.documents.get_many(wanted))
         timelines: dict[str, list[list[Any]]] = {}
+        copy_all = not self._beside_log
         for row in batch:
             saga_id = str(row[4]) if row[4] else NO_SAGA
             saga = touched.get(saga_id)
@@ -463,9 +579,13 @@ class SagaProjection:
             if saga is None:
                 saga = touched[saga_id] = new_saga(saga_id)
             entry = entry_of(row)
-            if apply(saga, entry, self.catalog):
-                timelines.setdefault(saga_id, []).append(entry)
+            if apply(saga, entry, self.catalog) and (copy_all or type(row[4]) is not str):
+                timelines.setdefault(saga_id, []).append(entry)  # else the log keeps it
         return touched, timelines
+
+    def timeline(self, saga_id: str, saga: Mapping[str, Any] | None = None) -> list[list[Any]]:
+        """One saga's timeline entries as stored (see `FIELDS`), in the order folded; see `stored_timeline()`."""
+        return stored_timeline(self.documents, saga_id, saga)
 
     def get(self, saga_id: str, *, as_of: int | datetime | None = None) -> dict[str, Any] | None:
         """One saga's document (state, steps, timeline), optionally as it stood at a position or time.
@@ -475,7 +595,7 @@ class SagaProjection:
         saga = self.documents.get(saga_id) if saga_id != NO_SAGA else None
         if saga is None:
             return None
-        timeline = self.documents.entries(saga_id)
+        timeline = self.timeline(saga_id, saga)
         if as_of is not None:
             saga, upto = new_saga(saga_id), []
             for entry in timeline:
@@ -494,11 +614,30 @@ class SagaProjection:
         saga["state"] = effective_state(saga, clock.now(), self.stuck_after)
         return saga
 
-    def list(self, where: SagaFilter | None = None) -> list[dict[str, Any]]:
-        """Summaries (no timeline) of the sagas that match `where`, oldest first."""
-        where = where or SagaFilter()
+    def list(self, where: SagaFilter | None = None, *, limit: int | None = None,
+             after: str | None = None) -> list[dict[str, Any]]:
+        """Summaries (no timeline) of the sagas that match `where`, oldest first (by start, then saga id).
+
+        A page: only the first `limit` of them, and only those listed after the saga `after`
+        (the last saga id of the previous page). Raises `KeyError` if there is no saga `after`,
+        and `ValueError` if `limit` is below 1.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        cursor: tuple[str, str] | None = None
+        if after is not None:
+            last = self.documents.get(after) if after != NO_SAGA else None
+            if last is None:
+                raise KeyError(after)
+            cursor = (last["started_at"] or "", after)
+        found = self._matching(where or SagaFilter(), cursor)
+        if limit is not None:
+            return heapq.nsmallest(limit, found, key=_order)
+        return sorted(found, key=_order)
+
+    def _matching(self, where: SagaFilter, cursor: tuple[str, str] | None) -> Iterator[dict[str, Any]]:
+        """The summaries of the sagas that match `where`, listed after `cursor`, in no order."""
         now = clock.now()
-        out = []
         for saga in self.documents.scan():
             if saga["saga_id"] == NO_SAGA:
                 continue
@@ -514,10 +653,11 @@ class SagaProjection:
                 continue
             if where.started_before and (started is None or started >= where.started_before):
                 continue
+            if cursor is not None and _order(saga) <= cursor:
+                continue
             summary = {k: v for k, v in saga.items() if k not in _HIDDEN}
             summary["state"] = state
-            out.append(summary)
-        return sorted(out, key=lambda s: (s["started_at"] or "", s["saga_id"]))
+            yield summary
 
     def counts(self) -> dict[str, int]:
         """How many sagas are in each state; and, under `NO_SAGA_COUNT`, how many events had no saga id."""
@@ -528,6 +668,34 @@ class SagaProjection:
         if orphans and orphans[_SEEN]:
             counts[NO_SAGA_COUNT] = len(orphans[_SEEN])
         return dict(sorted(counts.items()))
+
+
+def stored_timeline(documents: DocumentStore, saga_id: str, saga: Mapping[str, Any] | None = None) -> list[list[Any]]:
+    """A saga's timeline entries as the projection in `documents` stores them, in the order folded.
+
+    Beside the log (`documents.beside_log`) they are the saga's log rows that its document
+    (`saga`, else the stored one) has folded, each once, merged by position with the
+    entries copied for events the log's index cannot find; elsewhere, the copied entries.
+    """
+    entries = documents.entries(saga_id)
+    rows = documents.log_rows(saga_id) if documents.beside_log and saga_id != NO_SAGA else None
+    if rows is None:
+        return entries
+    rows = upcasting.upcast_rows(rows)  # as the projection folded them (its feed upcasts)
+    if saga is None:
+        saga = documents.get(saga_id)
+    seen = set(saga[_SEEN]) if saga else set()
+    for row in rows:
+        entry = entry_of(row)
+        if entry[_ID] in seen:
+            seen.discard(entry[_ID])  # each event once
+            entries.append(entry)
+    return sorted(entries, key=lambda e: e[_POSITION])
+
+
+def _order(saga: Mapping[str, Any]) -> tuple[str, str]:
+    """Where a saga is listed: by start time, then saga id."""
+    return (saga["started_at"] or "", saga["saga_id"])
 
 
 def _shown(entry: Sequence[Any]) -> dict[str, Any]:

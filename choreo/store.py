@@ -313,7 +313,7 @@ class DocumentStore(ABC):
     @abstractmethod
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -321,7 +321,7 @@ class DocumentStore(ABC):
         expected_meta: Mapping[str, Any] | None = None,
     ) -> None:
         """Store documents, append `appended[key]` to each key's entries, and move the tracking
-        forward, atomically.
+        forward, atomically. A document is a dict, or its JSON already encoded (UTF-8 `bytes`).
 
         Raises `ConcurrencyConflict`, writing nothing, if a position would not move forward;
         with `expected` (the tracking read before the batch), also if the stored tracking is
@@ -333,6 +333,18 @@ class DocumentStore(ABC):
     @abstractmethod
     def entries(self, key: str) -> list[Any]:
         """Return every entry (a JSON value) appended under `key`, oldest first."""
+
+    #: whether `log_rows()` reads the log this read model folds (it is stored beside it)
+    beside_log: bool = False
+
+    def log_rows(self, saga_id: str) -> list[Row] | None:
+        """Return the log's rows (see `ROW_FIELDS`) with this saga id, in log order, or None.
+
+        A read model stored beside the log it folds (in the same database, with an index on
+        saga id) returns them, so a saga's timeline is read from the log instead of copied
+        into entries; any other returns None (the default), and timelines are appended.
+        """
+        return None
 
     @abstractmethod
     def scan(self) -> Iterator[dict[str, Any]]:

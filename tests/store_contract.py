@@ -198,6 +198,23 @@ class EventStoreContract:
         docs.clear()
         assert docs.meta() == {}
 
+    def test_a_read_model_document_may_be_given_as_its_json(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        docs.put({"a": b'{"n":1,"t":"\xc3\xa9"}', "b": {"n": 2}}, tracking={"log": 1})
+        assert docs.get("a") == {"n": 1, "t": "\u00e9"} and docs.get_many(["a", "b"]) == {"a": {"n": 1, "t": "\u00e9"}, "b": {"n": 2}}
+        assert sorted(d["n"] for d in docs.scan()) == [1, 2]
+
+    def test_a_read_model_beside_the_log_reads_a_sagas_rows_from_it(self, store: EventStore) -> None:
+        docs = store.documents("model")
+        if not docs.beside_log:
+            assert docs.log_rows("s") is None
+            return
+        store.append([envelope(saga="s"), envelope(saga="t"), envelope(saga="s")])
+        rows = docs.log_rows("s")
+        logged = [e for batch in store.scan() for e in batch if e.saga_id == "s"]
+        assert rows is not None and [(r[0], r[1], r[4]) for r in rows] == [(e.position, e.event_id, "s") for e in logged]
+        assert docs.log_rows("missing") == []
+
     def test_a_read_model_never_written_reads_as_empty(self, store: EventStore) -> None:
         docs = store.documents("never")
         assert docs.get("a") is None and docs.get_many(["a"]) == {} and docs.entries("a") == []

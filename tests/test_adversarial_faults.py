@@ -37,7 +37,7 @@ from choreo import (
 )
 from choreo.cli import main
 from choreo.operations import find_dead_letter, force_compensation, list_dead_letters, request_retry
-from choreo.projection import dumps
+from choreo.projection import dumps, stored_timeline
 from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore
 from services import TARGETS, orders, system
@@ -106,7 +106,7 @@ def log_rows(path: Path) -> int:
 
 def snapshot(documents: DocumentStore) -> list[str]:
     """Every saga document with its timeline, canonically."""
-    return sorted(dumps({**d, "timeline": documents.entries(d["saga_id"])}) for d in documents.scan())
+    return sorted(dumps({**d, "timeline": stored_timeline(documents, d["saga_id"], d)}) for d in documents.scan())
 
 
 def rebuilt(url: str) -> list[str]:

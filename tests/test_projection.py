@@ -14,7 +14,7 @@ from freezegun import freeze_time
 
 import services
 from choreo import Envelope, EventStore, InMemoryStore, SagaFilter, SagaProjection
-from choreo.projection import DOCUMENTS, dumps
+from choreo.projection import DOCUMENTS, dumps, stored_timeline
 from choreo.store import DocumentStore
 from choreo.testing import TestSystem
 from services.contracts import OrderPlaced
@@ -58,7 +58,7 @@ def interleave(log: list[Envelope], rng: random.Random, dup_rate: float) -> list
 
 def snapshot(documents: DocumentStore) -> list[str]:
     """Every saga document with its timeline, canonically."""
-    return sorted(dumps({**d, "timeline": documents.entries(d["saga_id"])}) for d in documents.scan())
+    return sorted(dumps({**d, "timeline": stored_timeline(documents, d["saga_id"], d)}) for d in documents.scan())
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -120,7 +120,7 @@ def test_unknown_and_undecodable_events_are_recorded_and_counted() -> None:
     assert "payload is not a JSON object" in saga["timeline"][1]["unknown"]
     # a type this process does not know is folded like any other, and marked only when shown
     assert saga["saga_type"] == "FromTheFuture" and "FromTheFuture" in saga["timeline"][0]["unknown"]
-    assert "unknown" not in projection.documents.entries("s")[0][-1]
+    assert "unknown" not in projection.timeline("s")[0][-1]
 
 
 def test_stuck_sagas_are_found_against_the_clock() -> None:

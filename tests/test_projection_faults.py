@@ -18,7 +18,7 @@ import pytest
 import services
 from choreo import Envelope, SagaFilter, SagaProjection, open_store
 from choreo.errors import StoreError
-from choreo.projection import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT, dumps
+from choreo.projection import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT, dumps, stored_timeline
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore
@@ -41,7 +41,7 @@ def finished_log(orders: int, seed: int) -> list[Envelope]:
 
 def snapshot(documents: DocumentStore) -> list[str]:
     """Every document with its timeline, canonically."""
-    return sorted(dumps({**d, "timeline": documents.entries(d["saga_id"])}) for d in documents.scan())
+    return sorted(dumps({**d, "timeline": stored_timeline(documents, d["saga_id"], d)}) for d in documents.scan())
 
 
 def rebuilt(url: str, **options: object) -> list[str]:
@@ -112,7 +112,7 @@ def test_two_projections_updating_one_file_at_once_never_duplicate_entries(url: 
     assert documents.position() == appender.last_position()  # type: ignore[attr-defined]
     order = {e.event_id: i for i, e in enumerate(log)}
     for saga_id in {e.saga_id for e in log}:
-        ids = [entry[1] for entry in documents.entries(saga_id)]
+        ids = [entry[1] for entry in stored_timeline(documents, saga_id)]
         assert ids == sorted(set(ids), key=order.__getitem__), saga_id  # each event once, in log order
         assert ids == [e.event_id for e in log if e.saga_id == saga_id]
     assert snapshot(documents) == rebuilt(url)
@@ -448,6 +448,6 @@ def test_two_projection_processes_at_once_never_duplicate_entries(url: str) -> N
         assert p.returncode == 0, err
     documents = appender.documents(DOCUMENTS)
     for saga_id in {e.saga_id for e in log}:
-        assert [entry[1] for entry in documents.entries(saga_id)] == [e.event_id for e in log if e.saga_id == saga_id]
+        assert [entry[1] for entry in stored_timeline(documents, saga_id)] == [e.event_id for e in log if e.saga_id == saga_id]
     assert snapshot(documents) == rebuilt(url)
     appender.close()

@@ -82,7 +82,7 @@ class PostgresDocumentStore(DocumentStore):
 
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -105,7 +105,7 @@ class PostgresDocumentStore(DocumentStore):
                 cur.execute(
                     f"INSERT INTO {self._docs} SELECT * FROM unnest(%s::text[], %s::text[]) "
                     "ON CONFLICT (key) DO UPDATE SET doc = EXCLUDED.doc",
-                    (list(docs), [orjson.dumps(v).decode() for v in docs.values()]))
+                    (list(docs), [(v if type(v) is bytes else orjson.dumps(v)).decode() for v in docs.values()]))
             rows = [(k, orjson.dumps(v).decode()) for k, v in (appended or {}).items() if v]
             if rows:
                 cur.execute(

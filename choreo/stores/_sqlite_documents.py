@@ -11,6 +11,9 @@ Tables, created by the read model's first write (until then it reads as empty):
 tracking its batch started from, commits only if that is still what is stored; given
 metadata values too (the saga projection passes the generation that each of its
 rebuilds stores anew), only if those are still stored as well.
+
+The read model of a store's own log (`beside_log=True`) reads a saga's log rows by
+the log's index on saga id (`log_rows()`), so the saga projection copies no timeline.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from choreo.errors import ConcurrencyConflict
-from choreo.store import DocumentStore, Tracking
+from choreo.store import DocumentStore, Row, Tracking
 
 if TYPE_CHECKING:
     from choreo.stores.sqlite import SQLiteStore, _Cursor
@@ -39,9 +42,10 @@ CREATE TABLE IF NOT EXISTS rm_{name}_meta (name TEXT PRIMARY KEY, value TEXT NOT
 class SQLiteDocumentStore(DocumentStore):
     """A read model's tables; created by its first write, read as empty until then."""
 
-    def __init__(self, store: SQLiteStore, name: str) -> None:
+    def __init__(self, store: SQLiteStore, name: str, *, beside_log: bool = False) -> None:
         self.store = store
         self.name = name
+        self.beside_log = beside_log
         self._docs = f"rm_{name}_documents"
         self._entries = f"rm_{name}_entries"
         self._tracking = f"rm_{name}_tracking"
@@ -74,6 +78,27 @@ class SQLiteDocumentStore(DocumentStore):
         rows = self.store._query(f"SELECT entries FROM {self._entries} WHERE key = ? ORDER BY id", (key,))
         return [entry for row in rows for entry in orjson.loads(row[0])]
 
+    def log_rows(self, saga_id: str) -> list[Row] | None:
+        return self.store.saga_rows(saga_id) if self.beside_log else None
+
+    # -- a rebuild in several processes (`choreo._parallel_replay`); SQLite only, beside the log
+    def partition_rows(self, after: int, upto: int, part: int, parts: int, limit: int) -> list[Row]:
+        """The log rows after `after` up to `upto` of the sagas in partition `part` of `parts`, in log order.
+
+        A saga's rows are all in one partition (by the last character of its id). Rows without
+        a saga id, and those whose saga id is not text or could be confused with the text a
+        projection names such a saga by (`b'...'`), are all in partition 0.
+        """
+        return self.store.partition_rows(after, upto, part, parts, limit)
+
+    def reopened(self) -> SQLiteDocumentStore:
+        """This read model on a new store object (its own connections): for a forked process."""
+        from choreo.stores.sqlite import SQLiteStore
+
+        store = SQLiteStore(self.store.path, durability=self.store.durability, lock_timeout=self.store.lock_timeout,
+                            wakeup=False)
+        return SQLiteDocumentStore(store, self.name, beside_log=self.beside_log)
+
     def get_many(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         wanted, found = list(keys), {}
         if not self._has(self._docs):
@@ -87,7 +112,7 @@ class SQLiteDocumentStore(DocumentStore):
 
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -108,7 +133,7 @@ class SQLiteDocumentStore(DocumentStore):
                     raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
             c.c.executemany(
                 f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
-                [(k, orjson.dumps(v).decode()) for k, v in docs.items()],
+                [(k, (v if type(v) is bytes else orjson.dumps(v)).decode()) for k, v in docs.items()],
             )
             if appended:
                 c.c.executemany(

@@ -43,6 +43,7 @@ from choreo.stores._kafka_records import WIRE_FIELDS, decode_record, encode_reco
 from choreo.stores._kafka_relay import _KafkaServiceStore
 from choreo.errors import EventTooLarge, LogRewound, StoreError, StoreNotFound, StoreURLError
 from choreo.events import Envelope
+from choreo.stores._sqlite_documents import SQLiteDocumentStore
 from choreo.stores.sqlite import SQLiteStore
 from choreo.store import (
     DocumentStore, EventStore, Feed, Interest, LogStore, ServiceStore, Tracking, check_service_name, open_store,
@@ -428,7 +429,7 @@ class KafkaStore(EventStore):
             from choreo.stores.memory import InMemoryStore
 
             return InMemoryStore().documents(name)  # never written: it reads as empty
-        return self.local("readmodels.db").documents(name)
+        return SQLiteDocumentStore(self.local("readmodels.db"), name)  # not beside the log: timelines are copied
 
     # -- after the broker lost data ------------------------------------------------------
     def partition_ends(self) -> dict[int, int]:

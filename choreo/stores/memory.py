@@ -104,7 +104,7 @@ class _InMemoryDocumentStore(DocumentStore):
 
     def put(
         self,
-        docs: dict[str, dict[str, Any]],
+        docs: Mapping[str, dict[str, Any] | bytes],
         *,
         tracking: Mapping[str, int],
         appended: Mapping[str, Sequence[Any]] | None = None,
@@ -119,7 +119,7 @@ class _InMemoryDocumentStore(DocumentStore):
             if changed:
                 raise ConcurrencyConflict(f"read model: another writer changed its {', '.join(changed)}")
             self._tracking = forward(self._tracking, tracking, "read model")
-            self._docs.update({k: json.dumps(v) for k, v in docs.items()})
+            self._docs.update({k: v.decode() if isinstance(v, bytes) else json.dumps(v) for k, v in docs.items()})
             for key, entries in (appended or {}).items():
                 self._entries.setdefault(key, []).extend(json.dumps(e) for e in entries)
 

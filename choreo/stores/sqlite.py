@@ -3,7 +3,8 @@
 This module and `choreo.stores._sqlite_documents` (a read model's tables, which this store
 opens) are the only ones that speak SQL. Tables:
 
-- `choreo_log`: the shared log of integration events; `position` is the global order.
+- `choreo_log`: the shared log of integration events; `position` is the global order. An index
+  by saga id lets the saga projection read a saga's timeline from the log instead of copying it.
 - `svc_<name>_events`: a service's aggregate events (the `eventsourcing` stored-event shape).
 - `svc_<name>_tracking`: how far the service has processed each source of the log.
 - `svc_<name>_handled`: ids of the events the service handled (only with `dedupe=True`,
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS choreo_log (
     payload TEXT NOT NULL,
     trace TEXT
 );
+CREATE INDEX IF NOT EXISTS choreo_log_by_saga ON choreo_log (saga_id);
 """
 _SERVICE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS svc_{name}_events (
@@ -329,6 +331,14 @@ class SQLiteStore(LogStore):
             lenient=True,
         )
 
+    def partition_rows(self, after: int, upto: int, part: int, parts: int, limit: int) -> list[Row]:
+        """`SQLiteDocumentStore.partition_rows()`: the rows of one partition of the sagas, in log order."""
+        return self._query(
+            f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE position > ? AND position <= ? AND COALESCE("
+            "CASE WHEN typeof(saga_id) = 'text' AND saga_id NOT LIKE 'b''%' AND saga_id NOT LIKE 'b\"%' "
+            "THEN unicode(substr(saga_id, -1)) % ? END, 0) = ? ORDER BY position LIMIT ?",
+            (after, upto, parts, part, limit), lenient=True)
+
     def last_position(self) -> int:
         return self._query("SELECT MAX(position) FROM choreo_log")[0][0] or 0
 
@@ -360,7 +370,12 @@ class SQLiteStore(LogStore):
 
     def documents(self, name: str) -> DocumentStore:
         check_service_name(name)
-        return SQLiteDocumentStore(self, name)
+        return SQLiteDocumentStore(self, name, beside_log=True)
+
+    def saga_rows(self, saga_id: str) -> list[Row]:
+        """The log rows of one saga, in log order (by the index on saga id); text that is not UTF-8 as bytes."""
+        return self._query(f"SELECT {_LOG_COLUMNS}, 'log' FROM choreo_log WHERE saga_id = ? ORDER BY position",
+                           (saga_id,), lenient=True)
 
     def close(self) -> None:
         with self._guard:

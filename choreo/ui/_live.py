@@ -59,7 +59,7 @@ class _Overlay(DocumentStore):
     def meta(self) -> dict[str, Any]:
         return self.stored.meta() if self.stored is not None else {}
 
-    def put(self, docs: dict[str, dict[str, Any]], **_: Any) -> None:
+    def put(self, docs: Mapping[str, dict[str, Any] | bytes], **_: Any) -> None:
         raise PermissionError("the console never writes the store")
 
     def clear(self, meta: Mapping[str, Any] | None = None) -> None:
