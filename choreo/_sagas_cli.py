@@ -17,7 +17,8 @@ from choreo._cli_common import (
 )
 from choreo._render import render_mermaid, render_saga
 from choreo.errors import ConcurrencyConflict
-from choreo.projection import NO_SAGA_COUNT, STATES, SagaFilter, SagaProjection
+from choreo._saga_fold import NO_SAGA_COUNT, STATES
+from choreo.projection import SagaFilter, SagaProjection
 from choreo.saga import SagaDefinition
 from choreo.store import EventStore, open_store
 

@@ -186,7 +186,8 @@ class Probe:
         now = time.monotonic()
         if now - self._sagas_at < 5.0 and self._sagas_at:
             return self._sagas
-        from choreo.projection import NO_SAGA_COUNT, SagaProjection
+        from choreo._saga_fold import NO_SAGA_COUNT
+        from choreo.projection import SagaProjection
 
         p = self.processor
         if self._projection is None:

@@ -14,7 +14,8 @@ from freezegun import freeze_time
 
 import services
 from choreo import Envelope, EventStore, InMemoryStore, SagaFilter, SagaProjection
-from choreo.projection import DOCUMENTS, dumps, stored_timeline
+from choreo._saga_fold import DOCUMENTS
+from choreo.projection import dumps, stored_timeline
 from choreo.store import DocumentStore
 from choreo.testing import TestSystem
 from services.contracts import OrderPlaced

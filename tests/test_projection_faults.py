@@ -18,7 +18,8 @@ import pytest
 import services
 from choreo import Envelope, SagaFilter, SagaProjection, open_store
 from choreo.errors import StoreError
-from choreo.projection import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT, dumps, stored_timeline
+from choreo._saga_fold import DOCUMENTS, FIELDS, GENERATION, NO_SAGA_COUNT
+from choreo.projection import dumps, stored_timeline
 from choreo.saga import SagaCompleted, SagaDefinition, SagaFailed
 from choreo.stores.sqlite import SQLiteStore
 from choreo.store import DocumentStore

@@ -2,7 +2,7 @@
 
 The saga projection stored in the store (kept by `choreo project`, a demo or a query) is
 the base; the console folds the events of the log that came after it in memory, with the
-projection's own rule (`choreo.projection.apply`), so its pages are up to date while
+projection's own rule (`choreo._saga_fold.apply`), so its pages are up to date while
 nothing is written. A stored projection built with other saga definitions, or by another
 version of the fold, is not used: the console then folds the whole log in memory. The
 same read of the log indexes each saga's business keys (the text fields of its start
@@ -20,7 +20,8 @@ from uuid import uuid4
 import orjson
 
 from choreo._dlq_cli import dead_letters_of
-from choreo.projection import Catalog, SagaProjection, apply, entry_of, new_saga
+from choreo._saga_fold import Catalog, apply, entry_of, new_saga
+from choreo.projection import SagaProjection
 from choreo.store import DeadLetter, DocumentStore, EventStore, Tracking
 from choreo.system import System
 

@@ -8,7 +8,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from choreo.projection import NO_SAGA_COUNT, STATES
+from choreo._saga_fold import NO_SAGA_COUNT, STATES
 from choreo.store import DeadLetter
 from choreo.ui._graph import Flow
 from choreo.ui._svg import sequence_svg

@@ -28,7 +28,8 @@ from starlette.staticfiles import StaticFiles
 from choreo._dlq_cli import STATUSES, compensate_saga, retry_letters, skip_letter
 from choreo.errors import ChoreoError, CommandRefused, StoreError
 from choreo.operations import find_dead_letter
-from choreo.projection import STATES, SagaFilter
+from choreo._saga_fold import STATES
+from choreo.projection import SagaFilter
 from choreo.store import EventStore, open_store
 from choreo.system import System
 from choreo.ui._graph import flow_of, layers
