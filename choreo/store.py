@@ -15,8 +15,8 @@ several processes of one service split its work. The contract is four calls on
 argument of `commit()`, which the store checks in the commit's own transaction
 (`ClaimLost`, nothing written, if the replica no longer holds a segment). Lease expiry
 is measured on the store's clock, so replicas on hosts whose clocks differ agree.
-Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`
-(the PostgreSQL store does not implement it yet).
+Implementations: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.memory`
+(on Kafka, a service's processes share the partitions instead).
 
 Stores: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
