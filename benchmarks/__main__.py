@@ -11,6 +11,7 @@
 5. projection replay events/s / plain sqlite3 and / eventsourcing's decode; peak RSS
 6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
 7. sagas/s and p50/p99 on PostgreSQL (a cluster started for the run), each service in its own process, vs 2
+8. sagas/s and p50/p99 with 1, 2 and 3 replicas of each step service, on SQLite and on PostgreSQL
 
 The results are also written to `--out` (default: benchmark-results.json).
 """
@@ -27,7 +28,7 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from benchmarks import io_bound, postgres, replay, sagas, throughput
+from benchmarks import io_bound, postgres, replay, replicas, sagas, throughput
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def run(quick: bool) -> dict[str, Any]:
             url = f"kafka://{broker.bootstrap}?topic=bench-{uuid4().hex[:8]}&state={folder}/state"
             results["3_kafka_processes"] = sagas.measure(url, sagas=n, sequential=sequential, processes=True)
     results["7_postgres_processes"] = postgres.measure(n, sequential, sqlite=results["2_sqlite_processes"])
+    results["8_replicas"] = replicas.measure(n // 2, sequential // 2)
     results["5_replay"] = replay.run(100_000 if quick else 1_000_000)
     return results
 
@@ -76,6 +78,7 @@ def table(r: dict[str, Any]) -> str:
                  f"({r['6_io_bound']['cpu_only_sagas_per_s']} sagas/s)"))
     rows += io_bound.rows(r["6_io_bound"])
     rows += postgres.rows(r["7_postgres_processes"])
+    rows += replicas.rows(r["8_replicas"])
     width = max(len(a) for a, _, _ in rows)
     return "\n".join([f"choreo benchmarks ({r['machine']}{', quick' if r['quick'] else ''})"] +
                      [f"  {a:<{width}}  {b:>18}  {c}" for a, b, c in rows])

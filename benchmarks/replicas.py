@@ -1,14 +1,17 @@
-"""Replicas on one SQLite file: sagas/s with 1, 2 and 3 replicas, and the failover time.
+"""Benchmark 8: replicas of the step services, 1, 2 and 3 of each, on SQLite and PostgreSQL (same run).
 
-    python -m benchmarks.replicas            # the example and the waiting echo, 1-3 replicas
+    python -m benchmarks.replicas            # the example on both stores, then the waiting echo
     python -m benchmarks.replicas --quick
 
-1. The example (4-step saga, CPU-light handlers): 1, 2, 3 `choreo run` replicas of payment and
-   inventory (the services that declare segments), one process of each other service; N sagas
-   started at once, sagas/s until the last one ends.
-2. `tests.replica_system:echo` whose handler waits 10 ms (a call to another system): 1, 2, 3
-   replicas; N pings of N sagas, answers/s.
-Not part of `python -m benchmarks` (a separate run: it starts up to 9 processes).
+1. The example (4-step saga, CPU-light handlers), a process per service, each step service
+   (inventory, payment, shipping, notification) run as 1, 2 or 3 `choreo run` replicas
+   (`--segments 16`), orders as one process: sagas/s (N sagas started at once) and the p50/p99
+   of sagas run one after another, on one SQLite file and on PostgreSQL (a throwaway cluster,
+   fsync on; skipped, saying why, without the server binaries or psycopg).
+2. `tests.replica_system:echo` whose handler waits 10 ms (a call to another system), on SQLite:
+   1, 2, 3 replicas; N pings of N sagas, answers/s. (Not in `python -m benchmarks`.)
+
+Part 1 is benchmark 8 of `python -m benchmarks` (`measure()`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,90 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from benchmarks import sagas
 from choreo import open_store
+from choreo.store import EventStore
+
+#: the services whose handlers are the saga's steps: each run as replicas
+STEP_SERVICES = ("inventory", "payment", "shipping", "notification")
+SEGMENTS = 16
+
+
+def spawner(replicas: int) -> Callable[[str], list[subprocess.Popen[bytes]]]:
+    """Start the example on a store: `replicas` processes of each step service, one of each other."""
+    from services import TARGETS
+
+    def spawn(url: str) -> list[subprocess.Popen[bytes]]:
+        checkout = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)}
+        procs = []
+        for name, target in TARGETS.items():
+            split = name in STEP_SERVICES
+            for _ in range(replicas if split else 1):
+                extra = ["--segments", str(SEGMENTS)] if split else []
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "choreo", "run", target, "--store", url, "--log-level", "WARNING", *extra],
+                    stdin=subprocess.DEVNULL, env=env))
+        return procs
+    return spawn
+
+
+def shared(replicas: int) -> Callable[[EventStore], bool]:
+    """Whether every step service's segments are all held, by `replicas` live replicas."""
+    def ready(store: EventStore) -> bool:
+        for name in STEP_SERVICES:
+            own = store.service(name)
+            if own.segments() != SEGMENTS:
+                return False
+            state = own.claims(SEGMENTS)
+            owners = [c.owner for c in state.claims if c.owner and c.expires_at >= state.now]
+            if len(owners) != SEGMENTS or len(set(owners)) != replicas:
+                return False
+        return True
+    return ready
+
+
+def measure(n: int, sequential: int, counts: tuple[int, ...] = (1, 2, 3)) -> dict[str, Any]:
+    """Sagas/s and p50/p99 with 1, 2, 3 replicas of each step service, on SQLite and on PostgreSQL."""
+    result: dict[str, Any] = {"sagas": n, "sequential": sequential, "load_1min": round(os.getloadavg()[0], 1),
+                              "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as folder:
+        result["sqlite"] = {
+            str(k): sagas.measure(f"sqlite:///{folder}/replicas-{k}.db", sagas=n, sequential=sequential,
+                                  processes=True, spawn=spawner(k), ready=shared(k)) for k in counts}
+    try:
+        import psycopg  # noqa: F401
+
+        from choreo.pgcluster import PostgresCluster, PostgresUnavailable
+
+        cluster = PostgresCluster(fsync=True)
+    except (ImportError, PostgresUnavailable) as e:
+        result["postgres"] = {"skipped": f"PostgreSQL cannot run here: {e}"}
+        return result
+    with cluster:
+        result["postgres"] = {
+            str(k): sagas.measure(cluster.url(cluster.create_database()), sagas=n, sequential=sequential,
+                                  processes=True, spawn=spawner(k), ready=shared(k)) for k in counts}
+    return result
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The table rows of `python -m benchmarks` for this benchmark."""
+    out = [("8 replicas of each step service", "", f"a process each; load {r['load_1min']} on {r['cpus']} CPUs")]
+    for backend, title in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        got = r[backend]
+        if "skipped" in got:
+            out.append((f"  {title}", "skipped", got["skipped"]))
+            continue
+        one = got["1"]["sagas_per_s"]
+        for k, m in got.items():
+            out.append((f"  {title}, {k} replica(s)", f"{m['sagas_per_s']} sagas/s",
+                        f"p50 {m['p50_ms']} ms, p99 {m['p99_ms']} ms; {m['sagas_per_s'] / one:.2f}x 1 replica"))
+    return out
 
 
 def _count(path: Path, types: tuple[str, ...]) -> int:
@@ -80,20 +164,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n = 500 if args.quick else 1500
-    from services import TARGETS, system
-    from services.demo import plan
-
     import tests.replica_system as rs
 
     print(f"load: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs")
+    result = measure(n, 50 if args.quick else 200)
+    width = max(len(a) for a, _, _ in rows(result))
+    print("\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows(result)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-    planned = plan(n, seed=21)
-    for k in (1, 2, 3):
-        rate = _run([(t, k if name in ("payment", "inventory") else 1) for name, t in TARGETS.items()],
-                    ["payment", "inventory"],
-                    lambda store: system.start_many(store, [(o, s) for s, o, _, _ in planned]),
-                    ("OrderConfirmed", "OrderCancelled"), n, env)
-        print(f"example, {k} replica(s) of payment and inventory: {rate:.0f} sagas/s")
     pings = n // 2
     for k in (1, 2, 3):
         rate = _run([("tests.replica_system:echo", k)], ["echo"],
