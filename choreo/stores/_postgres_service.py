@@ -30,7 +30,7 @@ from eventsourcing.persistence import StoredEvent
 from psycopg import errors
 
 from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
-from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
+from choreo.errors import ClaimLost, ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
 from choreo.events import Envelope
 from choreo.store import (
     FENCE, LOG, Claim, ClaimState, DeadLetter, Held, ServiceStore, Tracking, claim_lost, segment_source,
@@ -265,6 +265,9 @@ class PostgresServiceStore(ServiceStore):
         except psycopg.Error as e:
             store._unusable(conn)
             raise store._translate(e) from e
+        except ClaimLost:
+            store._unusable(conn)  # rolled back; replaced if the rollback left it unusable
+            raise
         finally:
             _appended.head = 0
         store._rung(head)  # wake this process's readers (other processes' are woken by the notification)
