@@ -65,11 +65,9 @@ CREATE TABLE IF NOT EXISTS svc_{name}_claims (
 CREATE TABLE IF NOT EXISTS svc_{name}_replicas (owner TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL)
 """
 _TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines")
-#: the tables of replicas' claims (absent from a database written before replicas ran on PostgreSQL)
-_CLAIM_TABLES = ("claims", "replicas")
 #: the server's clock in seconds since the epoch (the clock of the replicas' leases)
 _NOW = "extract(epoch FROM clock_timestamp())::double precision"
-#: the advisory lock of a service's claims (key 1: "choreocl"; key 2: the service's name hashed)
+#: the advisory lock of a service's claims (key 1: "chor" in ASCII; key 2: the service's name hashed)
 _CLAIMS_LOCK = "SELECT pg_advisory_xact_lock(1667788658, hashtext(%s))"
 _LETTER_COLUMNS = ("id, position, event_id, saga_id, type, reason, error, attempts, first_failed_at, "
                    "last_failed_at, envelope, status, due_at")
