@@ -8,8 +8,8 @@
    (`--segments 16`), orders as one process: sagas/s (N sagas started at once) and the p50/p99
    of sagas run one after another, on one SQLite file and on PostgreSQL (a throwaway cluster,
    fsync on; skipped, saying why, without the server binaries or psycopg).
-2. `tests.replica_system:echo` whose handler waits 10 ms (a call to another system), on SQLite:
-   1, 2, 3 replicas; N pings of N sagas, answers/s. (Not in `python -m benchmarks`.)
+2. `tests.replica_system:echo` whose handler waits 10 ms (a call to another system), on SQLite
+   and PostgreSQL: 1, 2, 3 replicas; N pings of N sagas, answers/s. (Not in `python -m benchmarks`.)
 
 Part 1 is benchmark 8 of `python -m benchmarks` (`measure()`).
 """
@@ -110,53 +110,67 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _count(path: Path, types: tuple[str, ...]) -> int:
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        marks = ",".join("?" * len(types))
-        return int(conn.execute(f"SELECT COUNT(*) FROM choreo_log WHERE type IN ({marks})", types).fetchone()[0])
-    finally:
-        conn.close()
-
-
-def _owners(path: Path, service: str) -> int:
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        return int(conn.execute(f"SELECT COUNT(DISTINCT owner) FROM svc_{service}_claims").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        conn.close()
-
-
-def _run(targets: list[tuple[str, int]], split: list[str], start: object, done: tuple[str, ...], n: int,
-         env: dict[str, str]) -> float:
-    """Start the processes, wait until the split services are shared, start the work; return items/s."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "bench.db"
-        url = f"sqlite:///{path}"
-        open_store(url).close()
-        procs = [subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", url, "--log-level",
-                                   "WARNING"], env=env, stdin=subprocess.DEVNULL)
-                 for target, copies in targets for _ in range(copies)]
+def _sql(url: str, query: str) -> int:
+    """One number from the store's database (SQLite or PostgreSQL); 0 if a table is missing."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url[len("sqlite:///"):], timeout=30)
         try:
-            copies = max(c for _, c in targets)
-            deadline = time.monotonic() + 60
-            while any(_owners(path, s) < copies for s in split) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            store = open_store(url)
-            began = time.perf_counter()
-            start(store)  # type: ignore[operator]
-            while _count(path, done) < n:
-                time.sleep(0.01)
-            elapsed = time.perf_counter() - began
-            store.close()
+            return int(conn.execute(query).fetchone()[0] or 0)
+        except sqlite3.OperationalError:
+            return 0
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                p.wait(30)
+            conn.close()
+    import psycopg
+
+    from choreo.stores.postgres import parse_url
+
+    with psycopg.connect(parse_url(url)[0], autocommit=True) as pg:
+        try:
+            row = pg.execute(query).fetchone()  # type: ignore[arg-type]
+            return int(row[0] or 0) if row else 0
+        except psycopg.errors.UndefinedTable:
+            return 0
+
+
+def _run(url: str, targets: list[tuple[str, int]], split: list[str], start: object, done: tuple[str, ...], n: int,
+         env: dict[str, str]) -> float:
+    """Start the processes on `url`, wait until the split services are shared, start the work; return items/s."""
+    open_store(url).close()
+    procs = [subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", url, "--log-level",
+                               "WARNING"], env=env, stdin=subprocess.DEVNULL)
+             for target, copies in targets for _ in range(copies)]
+    types = ", ".join(f"'{t}'" for t in done)
+    try:
+        copies = max(c for _, c in targets)
+        deadline = time.monotonic() + 60
+        while any(_sql(url, f"SELECT COUNT(DISTINCT owner) FROM svc_{s}_claims") < copies for s in split) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store = open_store(url)
+        began = time.perf_counter()
+        start(store)  # type: ignore[operator]
+        while _sql(url, f"SELECT COUNT(*) FROM choreo_log WHERE type IN ({types})") < n:
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - began
+        store.close()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
     return n / elapsed
+
+
+def _echo(urls: list[tuple[str, str]], pings: int, env: dict[str, str]) -> None:
+    """Part 2: the echo that waits 10 ms per ping, 1-3 replicas, on each store (a fresh one each run)."""
+    import tests.replica_system as rs
+
+    for name, url_of in urls:
+        for k in (1, 2, 3):
+            rate = _run(url_of(k), [("tests.replica_system:echo", k)], ["echo"],  # type: ignore[operator]
+                        lambda store: store.append([rs.ping(f"s{i}", 0) for i in range(pings)]),
+                        ("EchoPong",), pings, {**env, "ECHO_DELAY": "0.01"})
+            print(f"{name}: echo waiting 10 ms per ping, {k} replica(s): {rate:.0f} answers/s")
 
 
 def main() -> None:
@@ -164,19 +178,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n = 500 if args.quick else 1500
-    import tests.replica_system as rs
-
     print(f"load: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs")
     result = measure(n, 50 if args.quick else 200)
     width = max(len(a) for a, _, _ in rows(result))
     print("\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows(result)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-    pings = n // 2
-    for k in (1, 2, 3):
-        rate = _run([("tests.replica_system:echo", k)], ["echo"],
-                    lambda store: store.append([rs.ping(f"s{i}", 0) for i in range(pings)]),
-                    ("EchoPong",), pings, {**env, "ECHO_DELAY": "0.01"})
-        print(f"echo waiting 10 ms per ping, {k} replica(s): {rate:.0f} answers/s")
+    with tempfile.TemporaryDirectory() as folder:
+        urls: list[tuple[str, Any]] = [("SQLite", lambda k: f"sqlite:///{folder}/echo-{k}.db")]
+        if "skipped" in result["postgres"]:
+            _echo(urls, n // 2, env)
+            return
+        from choreo.pgcluster import PostgresCluster
+
+        with PostgresCluster(fsync=True) as cluster:
+            urls.append(("PostgreSQL", lambda k: cluster.url(cluster.create_database())))
+            _echo(urls, n // 2, env)
+    print(f"load: {os.getloadavg()[0]:.1f} (1 min)")
 
 
 if __name__ == "__main__":
