@@ -13,7 +13,8 @@
 5. projection replay events/s / plain sqlite3 and / eventsourcing's decode (also by CPU time); peak RSS
 6. I/O-bound steps (each waits 10 ms): choreo async / sync + threads / concurrency 1 / eventsourcing System, vs 1
 7. sagas/s and p50/p99 on PostgreSQL (a cluster started for the run), each service in its own process, vs 2
-8. restart to first handled event, one aggregate with 100k events (10k quick): with / without snapshots
+8. sagas/s and p50/p99 with 1, 2 and 3 replicas of each step service, on SQLite and on PostgreSQL
+9. restart to first handled event, one aggregate with 100k events (10k quick): with / without snapshots
 
 The results are also written to `--out` (default: benchmark-results.json).
 """
@@ -30,7 +31,7 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from benchmarks import io_bound, latency, postgres, replay, sagas, snapshots, throughput
+from benchmarks import io_bound, latency, postgres, replay, replicas, sagas, snapshots, throughput
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -54,8 +55,9 @@ def run(quick: bool) -> dict[str, Any]:
             url = f"kafka://{broker.bootstrap}?topic=bench-{uuid4().hex[:8]}&state={folder}/state"
             results["3_kafka_processes"] = sagas.measure(url, sagas=n, sequential=sequential, processes=True)
     results["7_postgres_processes"] = postgres.measure(n, sequential, sqlite=results["2_sqlite_processes"])
+    results["8_replicas"] = replicas.measure(n // 2, sequential // 2)
     results["5_replay"] = replay.run(100_000 if quick else 1_000_000)
-    results["8_snapshots"] = snapshots.run(10_000 if quick else 100_000)
+    results["9_snapshots"] = snapshots.run(10_000 if quick else 100_000)
     return results
 
 
@@ -95,8 +97,9 @@ def table(r: dict[str, Any]) -> str:
                  f"({r['6_io_bound']['cpu_only_sagas_per_s']} sagas/s)"))
     rows += io_bound.rows(r["6_io_bound"])
     rows += postgres.rows(r["7_postgres_processes"])
-    sn = r["8_snapshots"]
-    rows.append((f"8 restart, {sn['aggregate_events']} events on one aggregate",
+    rows += replicas.rows(r["8_replicas"])
+    sn = r["9_snapshots"]
+    rows.append((f"9 restart, {sn['aggregate_events']} events on one aggregate",
                  f"{sn['with_snapshots']['restart_s']} s",
                  f"with snapshots every {sn['snapshot_every']}; {sn['without_snapshots']['restart_s']} s without "
                  f"({sn['speedup']}x)"))

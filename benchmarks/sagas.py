@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
@@ -43,13 +44,25 @@ def _patient(store_url: str, store: EventStore) -> EventStore:
     return open_store(store_url, fetch_max_wait_ms=100) if store_url.startswith("kafka://") else store
 
 
-def measure(store_url: str, sagas: int, sequential: int, processes: bool) -> dict[str, Any]:
-    """Run the example's services on `store_url`; return sagas/s and latency percentiles."""
+def measure(store_url: str, sagas: int, sequential: int, processes: bool,
+            spawn: Callable[[str], list[subprocess.Popen[bytes]]] | None = None,
+            ready: Callable[[EventStore], bool] | None = None) -> dict[str, Any]:
+    """Run the example's services on `store_url`; return sagas/s and latency percentiles.
+
+    With `processes`, `spawn(store_url)` starts them (default: a process per service), and the
+    run waits (up to a minute) until `ready(store)`, e.g. until replicas share their segments.
+    """
     store = open_store(store_url)
     runner = None
     workers: list[subprocess.Popen[bytes]] = []
     if processes:
-        workers = spawn_services(store_url)
+        workers = (spawn or spawn_services)(store_url)
+        deadline = time.monotonic() + 60
+        while ready is not None and not ready(store):
+            if time.monotonic() > deadline:
+                stop_services(workers)
+                raise RuntimeError(f"the service processes on {store_url.split('?')[0]} were not ready in 60 s")
+            time.sleep(0.05)
     else:
         runner = Runner(system, store)
         runner.start_threads()

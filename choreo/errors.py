@@ -116,7 +116,7 @@ class ClaimLost(StoreError):
     """A replica's commit was refused, writing nothing: it no longer holds a segment of its batch.
 
     Another replica took the segment after this one's lease expired; this replica drops the
-    segment and goes on with the others (see docs/replicas.md).
+    segment and goes on with the others (see docs/scaling.md, "Replicas").
     """
 
 

@@ -13,7 +13,8 @@ Metrics, by prometheus-client's conventions (`choreo_` prefix, seconds, `_total`
 - `choreo_handler_duration_seconds{service,type}`: a histogram of handler run times (every
   run: one that fails, or that runs again because another event of its batch failed, too);
 - `choreo_lag_events{service,source}`: the log's head minus the service's position in it,
-  read at each scrape (`source` is `log` on SQLite, `TOPIC:PARTITION` on Kafka);
+  read at each scrape (`source` is `log` on SQLite and PostgreSQL, `TOPIC:PARTITION` on Kafka;
+  a replica's is the head minus the least position of the segments it holds);
 - `choreo_sagas{state}`: sagas by state, from the saga projection (in the service that
   ends sagas, which brings the projection up to date first when it was built with the
   same saga definitions; elsewhere from what is stored);
@@ -160,8 +161,14 @@ class Probe:
         for source, pos in list(p.tracking.items()):
             positions[source] = max(pos, positions.get(source, 0))
         feed = p.feed
-        if hasattr(store, "last_position"):  # one log with a global position (SQLite, memory)
-            read = max(getattr(feed, "position", 0) or 0, positions.get("log", 0))
+        if hasattr(store, "last_position"):  # one log with a global position (SQLite, PostgreSQL, memory)
+            if p.replica is not None:  # a replica: the least position of the segments it holds ("log" is fenced)
+                if not p.replica.tokens:
+                    return {"log": 0}  # none of the work is its own now
+                done = p.replica.start("log", positions)
+            else:
+                done = positions.get("log", 0)
+            read = max(getattr(feed, "position", 0) or 0, done)
             return {"log": max(0, store.last_position() - read)}
         ends = self._partition_ends(store)
         read_next = {f"{tp.topic}:{tp.partition}": n for tp, n in dict(getattr(feed, "_next", {})).items()}

@@ -8,7 +8,7 @@ to its fair share. Each segment keeps its own tracking position, so a segment th
 moves resumes exactly where its last commit left it. Every commit of a replica names
 the segments it holds and their tokens, and the store checks them in the commit's
 transaction: a replica that lost a segment can never commit for it (`ClaimLost`).
-The processor uses this through `Replica`; docs/replicas.md explains the whole.
+The processor uses this through `Replica`; docs/scaling.md ("Replicas") explains the whole.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def segment_of(saga_id: str, segments: int) -> int:
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """How a process runs as one replica of its service (see docs/replicas.md)."""
+    """How a process runs as one replica of its service (see docs/scaling.md, "Replicas")."""
 
     #: how many segments the service's work is split into (fixed for the service's life)
     segments: int = DEFAULT_SEGMENTS

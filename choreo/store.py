@@ -9,14 +9,14 @@ model (`DocumentStore`) commits its documents and tracking together, optionally 
 compare-and-set against the tracking its batch started from, so several writers can
 fold one log. `open_store(url, create=False)` opens a store to read only.
 
-Replicas (docs/replicas.md): a store whose service stores have `supports_claims` lets
+Replicas (docs/scaling.md, "Replicas"): a store whose service stores have `supports_claims` lets
 several processes of one service split its work. The contract is four calls on
 `ServiceStore` -- `segments()`, `claims()`, `acquire()`, `leave()` -- plus the `claim`
 argument of `commit()`, which the store checks in the commit's own transaction
 (`ClaimLost`, nothing written, if the replica no longer holds a segment). Lease expiry
 is measured on the store's clock, so replicas on hosts whose clocks differ agree.
-Implementations: `choreo.stores.sqlite`, `choreo.stores.kafka`, `choreo.stores.memory`
-(the PostgreSQL store does not implement it yet).
+Implementations: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.memory`
+(on Kafka, a service's processes share the partitions instead).
 
 Stores: `choreo.stores.sqlite`, `choreo.stores.postgres`, `choreo.stores.kafka`, `choreo.stores.memory`.
 """
@@ -154,7 +154,7 @@ def segments_mismatch(service: str, have: int, asked: int) -> SegmentsMismatch:
     """The error of a replica started with `asked` segments for a service split into `have`."""
     return SegmentsMismatch(
         f"service {service!r} is split into {have} segments, but this replica was started with {asked}: "
-        "the number of segments is fixed for a service's life (see docs/replicas.md)")
+        "the number of segments is fixed for a service's life (see docs/scaling.md)")
 
 
 def claim_lost(service: str, owner: str, segments: Iterable[int]) -> ClaimLost:
@@ -247,7 +247,7 @@ class ServiceStore(ABC):
         due = [d for d in self.dead_letters(RETRYING) if d.due_at is not None and d.due_at <= now]
         return sorted(due, key=lambda d: (d.due_at, d.id or 0))[:limit]
 
-    # -- replicas: claims on segments (docs/replicas.md) -----------------------------------
+    # -- replicas: claims on segments (docs/scaling.md, "Replicas") ----------------------------
     #: whether this store can split the service's work among replicas (the four calls below)
     supports_claims: bool = False
 

@@ -1,7 +1,7 @@
 """The contract of a store that lets replicas of a service split its work; subclassed once per store.
 
 A store meets it with `ServiceStore.supports_claims = True` and `segments()`, `claims()`,
-`acquire()`, `leave()` and `commit(claim=...)` (see `choreo.store` and docs/replicas.md).
+`acquire()`, `leave()` and `commit(claim=...)` (see `choreo.store` and docs/scaling.md, "Replicas").
 Subclass `ReplicaStoreContract`, give `make_store()`, and set `__test__ = True`.
 """
 

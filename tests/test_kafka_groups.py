@@ -230,7 +230,7 @@ def state_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
     try:
         return str(request.getfixturevalue("postgres_url"))
     except pytest.FixtureLookupError:
-        pytest.skip("no postgres_url fixture: the PostgreSQL store (issue 13a) is not on this branch")
+        pytest.skip("no postgres_url fixture: the PostgreSQL store is not installed (pip install -e ".[postgres]")")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from choreo import Envelope, InMemoryStore, Processor, metrics, open_store
+from choreo import Envelope, InMemoryStore, Processor, ReplicaSettings, metrics, open_store
 from services import TARGETS, system
 from services.demo import plan
 from services.payment import service as payment
@@ -135,6 +135,18 @@ def test_health_and_readiness(enabled: metrics.Metrics) -> None:
     broken.store.last_position = lambda: 1 / 0  # type: ignore[method-assign]
     ready, report = metrics.readiness(enabled, max_lag=10)
     assert not ready and "does not answer: ZeroDivisionError" in report["services"]["payment"]["reason"]
+
+
+def test_a_replicas_lag_counts_from_the_segments_it_holds(enabled: metrics.Metrics) -> None:
+    store = InMemoryStore()
+    processor = Processor(payment, store, replica=ReplicaSettings(segments=4))
+    for saga_id, order, _, _ in plan(3, 7):
+        system.start(store, order, saga_id=saga_id)
+    ready, report = metrics.readiness(enabled, max_lag=0)  # its whole-service key is fenced: not "0 behind"
+    assert not ready and "3 events behind" in report["services"]["payment"]["reason"]
+    processor.run_until_idle()
+    assert metrics.readiness(enabled, max_lag=0)[0]
+    store.close()
 
 
 def test_nothing_is_counted_until_enabled() -> None:

@@ -244,3 +244,46 @@ def test_a_reader_skips_what_the_notifications_say_it_does_not_want_without_aski
         feed.close()
         reader.close()
         writer.close()
+
+
+def test_a_segment_cannot_change_hands_while_a_commit_for_it_is_under_way(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers run concurrently on PostgreSQL: a replica taking a segment waits for the old owner's commit
+    (which share-locked the segment's claim), so it reads the segment's position after that commit."""
+    from choreo.store import Held
+    from choreo.stores._postgres_service import PostgresServiceStore
+
+    a_store, b_store = open_store(postgres_url), open_store(postgres_url)
+    a, b = a_store.service("svc"), b_store.service("svc")
+    a.claims(2)
+    held = Held("a", a.acquire("a", [0, 1], 30))
+    a_store.append([envelope()])
+    paused, resume = threading.Event(), threading.Event()
+    letters_of = PostgresServiceStore._letters_of
+
+    def pause(self: PostgresServiceStore, *args: object) -> None:  # after the claim check, inside the commit
+        if threading.current_thread().name == "a-commit":
+            paused.set()
+            resume.wait(10)
+        letters_of(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PostgresServiceStore, "_letters_of", pause)
+    commit = threading.Thread(name="a-commit", target=lambda: a.commit(
+        events=[], emitted=[], tracking={"log#0": 1, "log#1": 1}, claim=held))
+    commit.start()
+    took: dict[int, int] = {}
+    try:
+        assert paused.wait(10)
+        taker = threading.Thread(target=lambda: took.update(b.acquire("b", [0, 1], 30, dead=["a"])))
+        taker.start()
+        taker.join(0.5)
+        assert taker.is_alive() and not took  # waits for a's commit
+    finally:
+        resume.set()
+        commit.join(10)
+    taker.join(10)
+    assert sorted(took) == [0, 1]
+    assert b.tracking()["log#0"] == 1  # what b reads now includes a's commit
+    a_store.close()
+    b_store.close()

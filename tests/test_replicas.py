@@ -43,6 +43,17 @@ class TestSQLiteReplicaContract(ReplicaStoreContract):
         return open_store(f"sqlite:///{self.path}")
 
 
+class TestPostgresReplicaContract(ReplicaStoreContract):
+    __test__ = True
+
+    @pytest.fixture(autouse=True)
+    def _database(self, postgres_url: str) -> None:
+        self.url = postgres_url
+
+    def make_store(self) -> EventStore:
+        return open_store(self.url)
+
+
 @pytest.fixture
 def store(any_store: EventStore) -> Iterator[EventStore]:
     rs.handled.clear()

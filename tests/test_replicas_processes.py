@@ -1,5 +1,6 @@
-"""Replicas as real processes on one SQLite file: `choreo run` started several times splits the work;
-a joining replica gets segments; a killed replica's segments are taken over and nothing is lost or done twice.
+"""Replicas as real processes on one SQLite file or one PostgreSQL database: `choreo run` started several
+times splits the work; a joining replica gets segments; a killed replica's segments are taken over and
+nothing is lost or done twice; a replica paused past its lease cannot commit.
 
 The failover and rebalance times these tests measure are printed (run with `-s` to see them).
 """
@@ -28,14 +29,15 @@ ECHO = "tests.replica_system:echo"
 
 
 class Cluster:
-    """Service processes on one SQLite file, each logging to its own file."""
+    """Service processes on one store (a SQLite file, or a PostgreSQL database: `url`), each logging to its own file."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, url: str | None = None) -> None:
         self.folder = folder
         self.path = folder / "replicas.db"
-        self.url = f"sqlite:///{self.path}"
+        self.url = url or f"sqlite:///{self.path}"
+        self.postgres = url is not None
         self.procs: list[subprocess.Popen[bytes]] = []
-        open_store(self.url).close()  # the file exists before any reader looks at it
+        open_store(self.url).close()  # the store exists before any reader looks at it
 
     def spawn(self, target: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.folder / f"proc-{len(self.procs)}.log", "wb")
@@ -46,6 +48,9 @@ class Cluster:
         return proc
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run `sql` (parameters marked `?`) on the store's database; no rows if a table is missing."""
+        if self.postgres:
+            return self._pg_query(sql.replace("?", "%s"), params)
         conn = sqlite3.connect(self.path, timeout=30)
         try:
             return conn.execute(sql, params).fetchall()
@@ -56,9 +61,22 @@ class Cluster:
         finally:
             conn.close()
 
+    def _pg_query(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        import psycopg
+
+        from choreo.stores.postgres import parse_url
+
+        with psycopg.connect(parse_url(self.url)[0], autocommit=True) as conn:
+            try:
+                return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            except psycopg.errors.UndefinedTable:
+                return []
+
     def owners(self, service: str) -> dict[int, str | None]:
         """Each segment's owner (None: free or expired)."""
-        rows = self.query(f"SELECT segment, CASE WHEN expires_at >= (julianday('now') - 2440587.5) * 86400.0 "
+        now = ("extract(epoch FROM clock_timestamp())" if self.postgres
+               else "(julianday('now') - 2440587.5) * 86400.0")
+        rows = self.query(f"SELECT segment, CASE WHEN expires_at >= {now} "
                           f"THEN owner END FROM svc_{service}_claims")
         return {int(s): o for s, o in rows}  # type: ignore[misc, call-overload]
 
@@ -77,8 +95,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """Processes on SQLite, or (parametrized indirectly with "postgres") on a fresh PostgreSQL database."""
+    backend = getattr(request, "param", "sqlite")
+    c = Cluster(tmp_path, request.getfixturevalue("postgres_url") if backend == "postgres" else None)
     yield c
     for p in c.procs:
         if p.poll() is None:
@@ -149,8 +169,9 @@ def test_a_replica_killed_on_this_host_is_taken_over_before_its_lease_ends(clust
     store.close()
 
 
+@pytest.mark.parametrize("cluster", ["sqlite", "postgres"], indirect=True)
 def test_1000_sagas_3_replicas_of_payment_and_inventory_one_of_each_killed_mid_run(cluster: Cluster) -> None:
-    """The issue's kill test, scaled to SQLite: 3 replicas of each step service that has segments,
+    """The issue's kill test: 3 replicas of each step service that has segments,
     one of each killed with SIGKILL while sagas are in flight; their segments are taken over once
     their lease ends (`--wait-lease`); every saga ends as planned, 0 lost, 0 duplicated effects."""
     lease = 1.5
@@ -210,6 +231,7 @@ def test_1000_sagas_3_replicas_of_payment_and_inventory_one_of_each_killed_mid_r
     store.close()
 
 
+@pytest.mark.parametrize("cluster", ["sqlite", "postgres"], indirect=True)
 def test_a_replica_paused_past_its_lease_cannot_commit_its_batch_when_it_resumes(cluster: Cluster) -> None:
     """SIGSTOP a replica in the middle of a slow batch: the other takes its segments once the lease
     ends; at SIGCONT its commit is refused (ClaimLost, nothing written) and each ping is answered once."""

@@ -5,6 +5,14 @@ Tables, as in the SQLite store: `svc_<name>_events` (aggregate events), `_tracki
 handled events, only with `dedupe`) and `_deadlines`. `commit()` writes all of a handler's
 effects in one transaction; the log's insert comes last, so the log's lock is held only for
 it and the COMMIT.
+
+Replicas (see docs/scaling.md): `svc_<name>_claims` (each segment's owner, token and lease
+expiry) and `svc_<name>_replicas` (each replica's heartbeat). Lease times are seconds since
+the epoch on the server's clock (`clock_timestamp()`), so replicas on hosts whose clocks
+differ agree. `acquire()` and `leave()` take the service's claims lock (an advisory lock) and
+then every claim row in segment order; a replica's `commit()` first share-locks the rows of
+the segments it commits for and checks their tokens, so a segment cannot change hands while
+a commit for it is under way, and a replica that lost one writes nothing (`ClaimLost`).
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ from eventsourcing.persistence import StoredEvent
 from psycopg import errors
 
 from choreo.deadlines import CANCELLED, RESCHEDULED, SAGA_ENDED, SCHEDULED, Deadline
-from choreo.errors import ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
+from choreo.errors import ClaimLost, ConcurrencyConflict, EventIdTaken, StoreError, StoreNotFound
 from choreo.events import Envelope
-from choreo.store import DeadLetter, Held, ServiceStore, Tracking
+from choreo.store import (
+    FENCE, LOG, Claim, ClaimState, DeadLetter, Held, ServiceStore, Tracking, claim_lost, segment_source,
+    segments_mismatch,
+)
 from choreo.stores.postgres import _appended, insert_log
 
 if TYPE_CHECKING:
@@ -50,11 +61,18 @@ CREATE TABLE IF NOT EXISTS svc_{name}_deadlines (
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_due ON svc_{name}_deadlines (status, due_at);
 CREATE INDEX IF NOT EXISTS svc_{name}_deadlines_saga ON svc_{name}_deadlines (saga_id);
 CREATE TABLE IF NOT EXISTS svc_{name}_snapshots (
-    originator_id UUID PRIMARY KEY, originator_version BIGINT NOT NULL, topic TEXT NOT NULL, state BYTEA NOT NULL)
+    originator_id UUID PRIMARY KEY, originator_version BIGINT NOT NULL, topic TEXT NOT NULL, state BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS svc_{name}_claims (
+    segment INTEGER PRIMARY KEY, owner TEXT, token BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS svc_{name}_replicas (owner TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL)
 """
 _TABLES = ("events", "tracking", "dead_letters", "handled", "deadlines", "snapshots")
 #: what a store opened read-only must have (snapshots may be missing: nothing was snapshotted)
 _REQUIRED = _TABLES[:-1]
+#: the server's clock in seconds since the epoch (the clock of the replicas' leases)
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+#: the advisory lock of a service's claims (key 1: "chor" in ASCII; key 2: the service's name hashed)
+_CLAIMS_LOCK = "SELECT pg_advisory_xact_lock(1667788658, hashtext(%s))"
 _LETTER_COLUMNS = ("id, position, event_id, saga_id, type, reason, error, attempts, first_failed_at, "
                    "last_failed_at, envelope, status, due_at")
 _DEADLINE_COLUMNS = "id, name, saga_id, due_at, status, cause_event_id, cause_type, cause_version, cause_payload"
@@ -62,6 +80,8 @@ _DEADLINE_COLUMNS = "id, name, saga_id, due_at, status, cause_event_id, cause_ty
 
 class PostgresServiceStore(ServiceStore):
     """One service's tables; created when the service is first opened by a store that may create."""
+
+    supports_claims = True
 
     def __init__(self, store: PostgresStore, name: str) -> None:
         self.store = store
@@ -73,6 +93,8 @@ class PostgresServiceStore(ServiceStore):
         self._deadlines = f"svc_{name}_deadlines"
         self._snapshots = f"svc_{name}_snapshots"
         self._has_snapshots = True
+        self._claims = f"svc_{name}_claims"
+        self._replicas = f"svc_{name}_replicas"
         wanted = [f"svc_{name}_{table}" for table in _TABLES]
         if store.read_only:
             self._has_snapshots = self._snapshots in store.tables([self._snapshots])
@@ -83,7 +105,72 @@ class PostgresServiceStore(ServiceStore):
             if missing:
                 raise StoreNotFound(f"service {name!r} in {store.where} lacks table(s) {', '.join(missing)}")
         else:
-            store.ensure_tables(wanted, _SCHEMA.format(name=name))
+            store.ensure_tables(wanted + [self._claims, self._replicas], _SCHEMA.format(name=name))
+
+    # -- replicas ------------------------------------------------------------------------
+    def segments(self) -> int | None:
+        if self.store.read_only and not self.store.tables([self._claims]):
+            return None  # a database written before replicas ran on PostgreSQL
+        return self.store._query(f"SELECT COUNT(*) FROM {self._claims}")[0][0] or None
+
+    def claims(self, segments: int) -> ClaimState:
+        rows = self._claim_rows()
+        if not rows:
+            with self.store._write() as cur:
+                cur.execute(_CLAIMS_LOCK, (self.name,))
+                cur.execute(f"SELECT COUNT(*) FROM {self._claims}")
+                if not cur.fetchone()[0]:  # type: ignore[index]  # the layout, each segment tracked from the whole
+                    cur.executemany(f"INSERT INTO {self._claims} VALUES (%s, NULL, 0, 0)",
+                                    [(s,) for s in range(segments)])
+                    cur.execute(f"SELECT source, position FROM {self._tracking} FOR UPDATE")
+                    whole = [r for r in cur.fetchall() if "#" not in r[0]] or [(LOG, 0)]
+                    cur.executemany(f"INSERT INTO {self._tracking} VALUES (%s, %s)",
+                                    [(segment_source(src, s), pos) for src, pos in whole for s in range(segments)])
+                    cur.executemany(f"INSERT INTO {self._tracking} VALUES (%s, %s) ON CONFLICT (source) DO UPDATE "
+                                    "SET position = EXCLUDED.position", [(src, FENCE) for src, _ in whole])
+            rows = self._claim_rows()
+        if len(rows) != segments:
+            raise segments_mismatch(self.name, len(rows), segments)
+        alive = self.store._query(f"SELECT owner FROM {self._replicas} WHERE expires_at >= {_NOW} ORDER BY owner")
+        return ClaimState(tuple(Claim(r[0], r[1], r[2], r[3]) for r in rows), tuple(r[0] for r in alive),
+                          rows[0][4])
+
+    def _claim_rows(self) -> list[Any]:
+        return self.store._query(f"SELECT segment, owner, token, expires_at, {_NOW} FROM {self._claims} "
+                                 "ORDER BY segment")
+
+    def _lock_claims(self, cur: psycopg.Cursor[Any]) -> None:
+        """Serialise the claims' changes of this service, and lock its claim rows in segment order (no deadlock
+        with a commit, which share-locks its segments' rows in that order)."""
+        cur.execute(_CLAIMS_LOCK, (self.name,))
+        cur.execute(f"SELECT segment FROM {self._claims} ORDER BY segment FOR UPDATE")
+
+    def acquire(self, owner: str, segments: Sequence[int], lease: float, *,
+                release: Sequence[int] = (), dead: Sequence[str] = ()) -> dict[int, int]:
+        with self.store._write() as cur:
+            self._lock_claims(cur)
+            if dead:
+                cur.execute(f"DELETE FROM {self._replicas} WHERE owner = ANY(%s)", (list(dead),))
+            cur.execute(f"INSERT INTO {self._replicas} VALUES (%s, {_NOW} + %s) "
+                        "ON CONFLICT (owner) DO UPDATE SET expires_at = EXCLUDED.expires_at", (owner, lease))
+            if release:
+                cur.execute(f"UPDATE {self._claims} SET owner = NULL, token = token + 1, expires_at = 0 "
+                            "WHERE segment = ANY(%s) AND owner = %s", (list(release), owner))
+            if segments:
+                cur.execute(
+                    f"UPDATE {self._claims} SET token = CASE WHEN owner IS NOT DISTINCT FROM %(o)s THEN token "
+                    f"ELSE token + 1 END, owner = %(o)s, expires_at = {_NOW} + %(lease)s WHERE segment = ANY(%(s)s) "
+                    f"AND (owner IS NULL OR owner = %(o)s OR expires_at < {_NOW} OR owner = ANY(%(dead)s))",
+                    {"o": owner, "lease": lease, "s": list(segments), "dead": list(dead)})
+            cur.execute(f"SELECT segment, token FROM {self._claims} WHERE owner = %s", (owner,))
+            return dict(cur.fetchall())
+
+    def leave(self, owner: str) -> None:
+        with self.store._write() as cur:
+            self._lock_claims(cur)
+            cur.execute(f"DELETE FROM {self._replicas} WHERE owner = %s", (owner,))
+            cur.execute(f"UPDATE {self._claims} SET owner = NULL, token = token + 1, expires_at = 0 "
+                        "WHERE owner = %s", (owner,))
 
     def load(self, aggregate_id: UUID) -> list[StoredEvent]:
         rows = self.store._query(
@@ -157,6 +244,8 @@ class PostgresServiceStore(ServiceStore):
         try:
             with conn.pipeline() as pipe, conn.transaction():
                 cur = conn.cursor()
+                if claim is not None:  # first: a replica that lost a segment writes nothing
+                    self._check_claim(cur, claim)
                 if events:
                     cur.execute(
                         f"INSERT INTO {self._events} "
@@ -175,19 +264,21 @@ class PostgresServiceStore(ServiceStore):
                     checks += self._deadlines_of(conn, cur, status, list(run))
                 if handled and store.dedupe:
                     cur.executemany(f"INSERT INTO {self._handled} VALUES (%s)", [(i,) for i in handled])
-                for source, position in tracking.items():
+                for source, position in (() if claim is not None else tracking.items()):
                     track = conn.cursor()
                     track.execute(
                         f"INSERT INTO {self._tracking} AS t VALUES (%s, %s) ON CONFLICT (source) DO UPDATE SET "
                         "position = EXCLUDED.position WHERE t.position < EXCLUDED.position RETURNING position",
                         (source, position))
-                    checks.append((track, f"{self.name} already processed {source} past position {position}"))
+                    checks.append((track, f"{self.name} already processed {source} past position {position}", 1))
+                if claim is not None:
+                    checks += self._track_segments(conn, tracking)
                 if emitted:
                     head = insert_log(conn.cursor(), emitted)[-1]  # fetching its positions sends the pipeline
                 else:
                     pipe.sync()
-                for check, conflict in checks:
-                    if check.fetchone() is None:
+                for check, conflict, rows in checks:
+                    if len(check.fetchall()) < rows:
                         raise ConcurrencyConflict(conflict)
         except errors.UniqueViolation as e:
             store._unusable(conn)
@@ -200,9 +291,41 @@ class PostgresServiceStore(ServiceStore):
         except psycopg.Error as e:
             store._unusable(conn)
             raise store._translate(e) from e
+        except ClaimLost:
+            store._unusable(conn)  # rolled back; replaced if the rollback left it unusable
+            raise
         finally:
             _appended.head = 0
         store._rung(head)  # wake this process's readers (other processes' are woken by the notification)
+
+    def _check_claim(self, cur: psycopg.Cursor[Any], claim: Held) -> None:
+        """Share-lock the claims of the segments `claim` commits for (they cannot change hands until COMMIT) and
+        raise `ClaimLost` if `claim.owner` no longer holds one with its token (one round trip, before any write)."""
+        cur.execute(f"SELECT segment, owner, token FROM {self._claims} WHERE segment = ANY(%s) ORDER BY segment "
+                    "FOR SHARE", (sorted(claim.tokens),))
+        held = {r[0]: r[2] for r in cur.fetchall() if r[1] == claim.owner}
+        lost = [s for s, token in claim.tokens.items() if held.get(s) != token]
+        if lost:
+            raise claim_lost(self.name, claim.owner, lost)
+
+    def _track_segments(self, conn: psycopg.Connection[Any],
+                        tracking: Mapping[str, int]) -> list[tuple[psycopg.Cursor[Any], str, int]]:
+        """Queue a replica's tracking, which moves many segments to one position: one statement per position.
+
+        Each check: the statement returns a row per segment moved, so fewer rows means one was past it."""
+        at: dict[int, list[str]] = {}
+        for source, position in tracking.items():
+            at.setdefault(position, []).append(source)
+        checks: list[tuple[psycopg.Cursor[Any], str, int]] = []
+        for position, sources in at.items():
+            track = conn.cursor()
+            track.execute(
+                f"INSERT INTO {self._tracking} AS t SELECT unnest(%s::text[]), %s ON CONFLICT (source) DO UPDATE "
+                "SET position = EXCLUDED.position WHERE t.position < EXCLUDED.position RETURNING source",
+                (sources, position))
+            checks.append((track, f"{self.name} already processed a segment of the log past position {position}",
+                           len(sources)))
+        return checks
 
     def _id_taken(self, emitted: Sequence[Envelope]) -> EventIdTaken:
         """The error for a commit rolled back because emitted ids were taken: the ids found in the log now."""
@@ -229,8 +352,9 @@ class PostgresServiceStore(ServiceStore):
                 [(d.status, d.reason, d.error, d.attempts, d.last_failed_at, d.due_at, d.id) for d in updated])
 
     def _deadlines_of(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], status: str,
-                      timers: list[Deadline]) -> list[tuple[psycopg.Cursor[Any], str]]:
-        """Queue the deadline changes; return the checks (a cursor that must return a row, and the conflict if not)."""
+                      timers: list[Deadline]) -> list[tuple[psycopg.Cursor[Any], str, int]]:
+        """Queue the deadline changes; return the checks (a cursor, the conflict if it returns fewer rows than the
+        number given)."""
         table = self._deadlines
         rows = [(t.id, t.name, t.saga_id, t.due_at, t.status, t.cause_event_id, t.cause_type, t.cause_version,
                  t.cause_payload) for t in timers]
@@ -252,7 +376,7 @@ class PostgresServiceStore(ServiceStore):
                 fired = conn.cursor()
                 fired.execute(f"UPDATE {table} SET status = %s WHERE id = %s AND status = 'scheduled' RETURNING id",
                               (t.status, t.id))
-                checks.append((fired, f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled"))
+                checks.append((fired, f"{self.name}: deadline {t.name} of saga {t.saga_id} is not scheduled", 1))
             return checks
         return []
 

@@ -14,7 +14,7 @@ opens) are the only ones that speak SQL. Tables:
 - `svc_<name>_claims`, `svc_<name>_replicas`: when the service's work is split among
   replicas, each segment's claim (owner, token, lease expiry) and each replica's
   heartbeat; lease times are on SQLite's clock (the machine's, shared by every process
-  on the file, and untouched by a test's frozen clock). See docs/replicas.md.
+  on the file, and untouched by a test's frozen clock). See docs/scaling.md, "Replicas".
 - `rm_<name>_*`: a read model's documents, entries, tracking and metadata.
 
 A reader waiting for the log is woken by a commit in any process: see `choreo.stores._wakeup`
