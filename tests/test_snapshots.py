@@ -80,15 +80,18 @@ class Counting:
         own.load, own.load_latest = counted_load, counted_latest  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("url", ["memory", "sqlite"])
-def test_a_restarted_service_loads_a_hot_aggregate_from_its_snapshot(url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", ["memory", "sqlite", "postgres"])
+def test_a_restarted_service_loads_a_hot_aggregate_from_its_snapshot(
+        url: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     events, every = 100_000, 1000
-    store = open_store("memory://" if url == "memory" else f"sqlite:///{tmp_path / 'log.db'}")
+    location = {"memory": lambda: "memory://", "sqlite": lambda: f"sqlite:///{tmp_path / 'log.db'}",
+                "postgres": lambda: request.getfixturevalue("postgres_url")}[url]()
+    store = open_store(location)
     write_history(store.service("ledger"), events, every)
     store.append([bump_envelope(events)])
-    if url == "sqlite":  # a restart: another process opens the file
+    if url != "memory":  # a restart: the store is opened anew
         store.close()
-        store = open_store(f"sqlite:///{tmp_path / 'log.db'}")
+        store = open_store(location)
     own = store.service("ledger")
     counting = Counting(own)
     snapshot_ledger.seen.clear()

@@ -1,9 +1,9 @@
 """Upcasters: old events decode as the current schema everywhere, and bad chains fail at wiring time.
 
 The end-to-end tests write a log of version-1 events the way old code did (plain SQL on
-SQLite, raw records on Kafka), let the old code's bank charge two orders in a process of
-its own (so its record of the completed step holds a v1 event), then run the current
-code over it: one saga started under v1 completes under v2, one compensates (the bank's
+SQLite and PostgreSQL, raw records on Kafka), let the old code's bank charge two orders in
+a process of its own (so its record of the completed step holds a v1 event), then run the
+current code over it: one saga started under v1 completes under v2, one compensates (the bank's
 compensation gets the v1 completion as the renamed v2 event), a split event reaches its
 two handlers, and an event its upcaster cannot read is parked with the upcaster's error.
 """
@@ -258,6 +258,31 @@ def test_sagas_started_under_v1_finish_and_compensate_under_v2_on_kafka(v1_to_v2
         raw.close()
 
     check_current_code_over(kafka_url, write)
+
+
+def test_sagas_started_under_v1_finish_and_compensate_under_v2_on_postgres(v1_to_v2: None, postgres_url: str) -> None:
+    import psycopg
+
+    from choreo.stores.postgres import LOG_LOCK, parse_url
+
+    open_store(postgres_url).close()  # the schema
+    conninfo, _ = parse_url(postgres_url)
+
+    def write(events: list[dict[str, Any]]) -> None:
+        # as any writer outside choreo must: under the log's advisory lock, numbered after the largest position
+        with psycopg.connect(conninfo) as c:  # one transaction, committed on leaving the block
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (LOG_LOCK,))
+            for e in events:
+                c.execute(
+                    "INSERT INTO choreo_log (position, event_id, type, version, saga_id, causation_id, service, "
+                    "step, outcome, occurred_at, payload) SELECT COALESCE(MAX(position), 0) + 1, %(event_id)s, "
+                    "%(type)s, %(version)s, %(saga_id)s, %(causation_id)s, %(service)s, %(step)s, %(outcome)s, "
+                    "%(occurred_at)s, %(payload)s FROM choreo_log",
+                    {**e, "payload": json.dumps(e["payload"])})
+            positions = [r[0] for r in c.execute("SELECT position FROM choreo_log ORDER BY position")]
+            assert positions == list(range(1, len(positions) + 1))  # gap-free, as the store's readers expect
+
+    check_current_code_over(postgres_url, write)
 
 
 def test_without_an_upcaster_an_old_event_is_parked_not_dropped(registry: None, tmp_path: Path) -> None:
