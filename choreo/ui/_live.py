@@ -21,7 +21,7 @@ import orjson
 
 from choreo._dlq_cli import dead_letters_of
 from choreo._saga_fold import Catalog, apply, entry_of, new_saga
-from choreo.projection import SagaProjection
+from choreo.projection import SagaProjection, stored_timeline
 from choreo.store import DeadLetter, DocumentStore, EventStore, Tracking
 from choreo.system import System
 
@@ -45,7 +45,7 @@ class _Overlay(DocumentStore):
     def entries(self, key: str) -> list[Any]:
         if key in self.timelines:
             return self.timelines[key]
-        return self.stored.entries(key) if self.stored is not None else []
+        return stored_timeline(self.stored, key) if self.stored is not None else []
 
     def scan(self) -> Iterator[dict[str, Any]]:
         if self.stored is not None:
@@ -76,7 +76,8 @@ class _Overlay(DocumentStore):
             if saga is None:
                 stored = self.stored.get(saga_id) if self.stored is not None else None
                 saga = self.docs[saga_id] = stored if stored is not None else new_saga(saga_id)
-                self.timelines[saga_id] = self.stored.entries(saga_id) if stored is not None and self.stored else []
+                self.timelines[saga_id] = stored_timeline(self.stored, saga_id, stored) \
+                    if stored is not None and self.stored is not None else []
             entry = entry_of(row)
             if apply(saga, entry, catalog):
                 self.timelines[saga_id].append(entry)
