@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from choreo import open_store
+from choreo import EventStore, open_store
+from choreo.store import Interest
 from services import TARGETS, system
 from services.checks import check_invariants, read_facts
 from services.demo import plan, run_demo
@@ -32,38 +32,34 @@ def spawn(target: str, url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "choreo", "run", target, "--store", url])
 
 
-def ended(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute(
-            "SELECT COUNT(*) FROM choreo_log WHERE type IN ('OrderConfirmed', 'OrderCancelled')"
-        ).fetchone()[0])
-    finally:
-        conn.close()
+def ended(store: EventStore) -> int:
+    """How many sagas the orders service ended (confirmed or cancelled) in the log."""
+    return len(store.read(0, 100_000, interest=Interest(frozenset({"OrderConfirmed", "OrderCancelled"}))))  # type: ignore[attr-defined]
 
 
-def test_kill_9_of_a_service_mid_run_then_restart_ends_every_saga(tmp_path: Path) -> None:
-    path = tmp_path / "crash.db"
-    url = f"sqlite:///{path}"
+def test_kill_9_of_a_service_mid_run_then_restart_ends_every_saga(durable_url: str) -> None:
+    """On SQLite and PostgreSQL: a service killed mid-run (perhaps mid-commit, holding the log's lock)
+    holds nobody up, loses nothing and applies nothing twice; its restart resumes."""
+    url = durable_url
     store = open_store(url)
-    planned = plan(400, seed=5)
+    planned = plan(300, seed=5)
     saga_ids = {s for s, *_ in planned}
     procs = {name: spawn(target, url) for name, target in TARGETS.items()}
     try:
-        for saga_id, order, _, _ in planned[:250]:
+        for saga_id, order, _, _ in planned[:180]:
             system.start(store, order, saga_id=saga_id)
         deadline = time.monotonic() + 60
-        while ended(path) < 10 and time.monotonic() < deadline:
+        while ended(store) < 10 and time.monotonic() < deadline:
             time.sleep(0.002)
         os.kill(procs["payment"].pid, signal.SIGKILL)  # while the first wave is in flight
         procs["payment"].wait()
-        for saga_id, order, _, _ in planned[250:]:  # the second wave needs payment
+        for saga_id, order, _, _ in planned[180:]:  # the second wave needs payment
             system.start(store, order, saga_id=saga_id)
         time.sleep(0.5)
-        assert ended(path) < len(saga_ids), "every saga ended without payment; nothing was tested"
+        assert ended(store) < len(saga_ids), "every saga ended without payment; nothing was tested"
         procs["payment"] = spawn(TARGETS["payment"], url)
         deadline = time.monotonic() + 120
-        while ended(path) < len(saga_ids) and time.monotonic() < deadline:
+        while ended(store) < len(saga_ids) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         for p in procs.values():
