@@ -73,3 +73,16 @@ def test_every_service_container_is_health_checked_on_its_metrics_port() -> None
         assert args.metrics_port, name
         test = spec["healthcheck"]["test"]
         assert test[0] == "CMD" and f"http://127.0.0.1:{args.metrics_port}/healthz" in " ".join(test), name
+
+
+def test_payment_runs_as_two_replicas_sharing_its_state_in_postgres() -> None:
+    payment = COMPOSE["services"]["payment"]
+    assert payment["deploy"]["replicas"] == 2
+    assert payment["depends_on"]["postgres"]["condition"] == "service_healthy"
+    from choreo.stores.kafka import KafkaSettings
+
+    settings = KafkaSettings.from_url(payment["environment"]["CHOREO_STORE"])
+    env = COMPOSE["services"]["postgres"]["environment"]
+    assert settings.state == f"postgresql://{env['POSTGRES_USER']}@postgres:5432/{env['POSTGRES_DB']}"
+    others = [spec for name, spec in choreo_services().items() if name != "payment" and spec["command"][0] == "run"]
+    assert all("deploy" not in spec for spec in others)  # their state is a SQLite file each: one process
