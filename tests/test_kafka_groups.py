@@ -240,10 +240,10 @@ def test_replicas_of_payment_and_inventory_survive_a_kill_9_and_every_saga_ends_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
            "CHOREO_FULFILMENT_DEADLINE_S": "300"}
     store = kafka(url)
-    replicas = {"orders": 1, "shipping": 1, "notification": 1, "payment": 3, "inventory": 2}
+    replicas = {"orders": 1, "shipping": 1, "notification": 1, "payment": 3, "inventory": 3}
     procs = {(name, i): spawn(name, url, env, tmp_path / f"{name}-{i}.log")
              for name, count in replicas.items() for i in range(count)}
-    planned = plan(int(os.environ.get("CHOREO_TEST_SAGAS", "300")), seed=13)  # more for a measurement
+    planned = plan(int(os.environ.get("CHOREO_TEST_SAGAS", "1000")), seed=13)  # the 1,000 in flight
     saga_ids = {s for s, *_ in planned}
     ends: Counter[str] = Counter()
     watch = store.feed(f"watch-{uuid4()}", dict, group=False)
