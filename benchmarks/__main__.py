@@ -1,7 +1,7 @@
 """Run choreo's benchmark suite: every figure next to a baseline measured in the same run.
 
     python -m benchmarks            # the full run (about 4½ minutes here)
-    python -m benchmarks --quick    # a small run (about a minute here)
+    python -m benchmarks --quick    # a small run
     python -m benchmarks --json     # the results as JSON on stdout
 
 1. sagas/s on SQLite, all services in one process: choreo / eventsourcing System (the faster of its
