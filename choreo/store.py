@@ -36,7 +36,7 @@ from uuid import UUID, uuid4
 from eventsourcing.persistence import StoredEvent
 
 from choreo.deadlines import Deadline
-from choreo.errors import ClaimLost, SegmentsMismatch, StoreURLError, WiringError
+from choreo.errors import ClaimLost, ConcurrencyConflict, SegmentsMismatch, StoreURLError, WiringError
 from choreo.events import Envelope
 
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
@@ -162,6 +162,28 @@ def claim_lost(service: str, owner: str, segments: Iterable[int]) -> ClaimLost:
     return ClaimLost(
         f"{service}: replica {owner} no longer holds segment(s) {', '.join(map(str, sorted(segments)))} "
         "(another replica took them after its lease expired, or it released them); nothing was written")
+
+
+def check_unchanged(
+    owner: str,
+    expected: Mapping[str, int] | None,
+    tracking: Callable[[], Mapping[str, int]],
+    expected_meta: Mapping[str, Any] | None,
+    meta: Callable[[], Mapping[str, Any]],
+) -> None:
+    """A read model's compare-and-set (`DocumentStore.put`): raise `ConcurrencyConflict` if another
+    writer moved its tracking or changed its metadata since `expected`/`expected_meta` were read.
+    Each is read (`tracking()`, `meta()`, inside the writer's transaction) only when it is checked."""
+    if expected is not None:
+        have = dict(tracking())
+        if have != dict(expected):
+            raise ConcurrencyConflict(f"{owner}: another writer moved it to {have} (this batch began at "
+                                      f"{dict(expected)})")
+    if expected_meta:
+        stored = meta()
+        changed = sorted(k for k, v in expected_meta.items() if stored.get(k) != v)
+        if changed:
+            raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
 
 
 class ServiceStore(ABC):

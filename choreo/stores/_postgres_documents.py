@@ -18,7 +18,7 @@ import orjson
 import psycopg
 
 from choreo.errors import ConcurrencyConflict
-from choreo.store import DocumentStore, Tracking
+from choreo.store import DocumentStore, Tracking, check_unchanged
 from choreo.stores.postgres import DDL_LOCK
 
 if TYPE_CHECKING:
@@ -91,16 +91,9 @@ class PostgresDocumentStore(DocumentStore):
     ) -> None:
         owner = f"read model {self.name}"
         with self._write() as cur:
-            if expected is not None:
-                have = dict(cur.execute(f"SELECT source, position FROM {self._tracking}").fetchall())
-                if have != dict(expected):
-                    raise ConcurrencyConflict(f"{owner}: another writer moved it to {have} (this batch began at "
-                                              f"{dict(expected)})")
-            if expected_meta:
-                meta = _meta(cur.execute(f"SELECT name, value FROM {self._meta}").fetchall())
-                changed = sorted(k for k, v in expected_meta.items() if meta.get(k) != v)
-                if changed:
-                    raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
+            check_unchanged(
+                owner, expected, lambda: dict(cur.execute(f"SELECT source, position FROM {self._tracking}").fetchall()),
+                expected_meta, lambda: _meta(cur.execute(f"SELECT name, value FROM {self._meta}").fetchall()))
             if docs:
                 cur.execute(
                     f"INSERT INTO {self._docs} SELECT * FROM unnest(%s::text[], %s::text[]) "

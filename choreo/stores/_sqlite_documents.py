@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from choreo.errors import ConcurrencyConflict
-from choreo.store import DocumentStore, Row, Tracking
+from choreo.store import DocumentStore, Row, Tracking, check_unchanged
 
 if TYPE_CHECKING:
     from choreo.stores.sqlite import SQLiteStore, _Cursor
@@ -121,16 +120,9 @@ class SQLiteDocumentStore(DocumentStore):
     ) -> None:
         owner = f"read model {self.name}"
         with self._write() as c:
-            if expected is not None:
-                have = dict(c.c.execute(f"SELECT source, position FROM {self._tracking}").fetchall())
-                if have != dict(expected):
-                    raise ConcurrencyConflict(f"{owner}: another writer moved it to {have} (this batch began at "
-                                              f"{dict(expected)})")
-            if expected_meta:
-                meta = self._read_meta(c.c.execute(f"SELECT name, value FROM {self._meta}").fetchall())
-                changed = sorted(k for k, v in expected_meta.items() if meta.get(k) != v)
-                if changed:
-                    raise ConcurrencyConflict(f"{owner}: another writer changed its {', '.join(changed)}")
+            check_unchanged(
+                owner, expected, lambda: dict(c.c.execute(f"SELECT source, position FROM {self._tracking}").fetchall()),
+                expected_meta, lambda: self._read_meta(c.c.execute(f"SELECT name, value FROM {self._meta}").fetchall()))
             c.c.executemany(
                 f"INSERT OR REPLACE INTO {self._docs} VALUES (?, ?)",
                 [(k, (v if type(v) is bytes else orjson.dumps(v)).decode()) for k, v in docs.items()],

@@ -24,7 +24,7 @@ from choreo.errors import ConcurrencyConflict, EventIdTaken
 from choreo.events import Envelope
 from choreo.store import (
     Claim, ClaimState, DeadLetter, DocumentStore, Held, Interest, LogStore, ServiceStore, Tracking, check_service_name,
-    FENCE, LOG, claim_lost, segment_source, segments_mismatch,
+    FENCE, LOG, check_unchanged, claim_lost, segment_source, segments_mismatch,
 )
 
 
@@ -112,12 +112,7 @@ class _InMemoryDocumentStore(DocumentStore):
         expected_meta: Mapping[str, Any] | None = None,
     ) -> None:
         with self._lock:
-            if expected is not None and self._tracking != dict(expected):
-                raise ConcurrencyConflict(f"read model: another writer moved it to {self._tracking}")
-            meta = self.meta()
-            changed = sorted(k for k, v in (expected_meta or {}).items() if meta.get(k) != v)
-            if changed:
-                raise ConcurrencyConflict(f"read model: another writer changed its {', '.join(changed)}")
+            check_unchanged("read model", expected, lambda: self._tracking, expected_meta, self.meta)
             self._tracking = forward(self._tracking, tracking, "read model")
             self._docs.update({k: v.decode() if isinstance(v, bytes) else json.dumps(v) for k, v in docs.items()})
             for key, entries in (appended or {}).items():
