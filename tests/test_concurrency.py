@@ -311,17 +311,17 @@ class ConcTrail(Aggregate):
         self.seqs.append(seq)
 
 
-class ConcBoard(Aggregate):
-    """Shared by every saga: the even ticks."""
+class ConcLedger(Aggregate):
+    """Shared by every saga: what each saga entered, once."""
 
     @event("Opened")
     def __init__(self) -> None:
         self.entries: list[tuple[str, int]] = []
 
-    @event("Pinned")
-    def pin(self, saga: str, seq: int) -> None:
+    @event("Entered")
+    def enter(self, saga: str, seq: int) -> None:
         if [saga, seq] in [list(e) for e in self.entries]:
-            raise ValueError(f"{saga}/{seq} pinned twice")
+            raise ValueError(f"{saga}/{seq} entered twice")
         self.entries.append((saga, seq))
 
 
@@ -338,8 +338,8 @@ def test_each_sagas_events_are_handled_in_log_order_while_sagas_interleave(mode:
             trail = ctx.find(ConcTrail, ctx.saga_id) or ctx.create(ConcTrail, ctx.saga_id)
             yield rng.random() * 0.003
             if t.seq % 2 == 0:  # the even ticks also touch an aggregate every saga shares
-                board = ctx.find(ConcBoard, "board") or ctx.create(ConcBoard, "board")
-                board.pin(ctx.saga_id, t.seq)
+                board = ctx.find(ConcLedger, "board") or ctx.create(ConcLedger, "board")
+                board.enter(ctx.saga_id, t.seq)
             trail.tick(t.seq)
             with probe.lock:  # after the last aggregate access: only a run that merges gets here
                 probe.seen.append((ctx.saga_id, t.seq))
@@ -358,7 +358,7 @@ def test_each_sagas_events_are_handled_in_log_order_while_sagas_interleave(mode:
         assert [seq for saga, seq in probe.seen if saga == s] == list(range(ticks)), s  # log order, always
         trail = load_aggregate(own, ConcTrail, s)
         assert trail is not None and trail.seqs == list(range(ticks)), s
-    board = load_aggregate(own, ConcBoard, "board")
+    board = load_aggregate(own, ConcLedger, "board")
     assert board is not None
     pinned = [tuple(e) for e in board.entries]
     assert sorted(pinned) == sorted((s, i) for s in sagas for i in range(0, ticks, 2))
@@ -474,18 +474,6 @@ class ConcAdd(Event):
 
 class ConcAdded(Event):
     seq: int
-
-
-class ConcLedger(Aggregate):
-    @event("Opened")
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, int]] = []
-
-    @event("Entered")
-    def enter(self, saga: str, seq: int) -> None:
-        if [saga, seq] in [list(e) for e in self.entries]:
-            raise ValueError(f"{saga}/{seq} entered twice")
-        self.entries.append((saga, seq))
 
 
 @pytest.mark.parametrize("mode", MODES)
