@@ -1,6 +1,7 @@
 """Guarantee 6 under store faults: a commit that fails skips nothing, and no input stops a service.
 
-Each test goes through the real SQLite store: a write lock held past the lock timeout,
+Each test goes through the real SQLite store (the lock tests also through PostgreSQL): a write
+lock held past the lock timeout,
 a full disk (a 16 MB tmpfs where the test may mount one, else an injected
 `database or disk is full`), an event id that a service will derive already taken in
 the log, and an operator command that breaks its schema.
@@ -9,6 +10,7 @@ the log, and an operator command that breaks its schema.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -18,11 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from uuid import uuid5
 
 import pytest
 
-from choreo import Envelope, Runner, StoreError, clock, open_store
+from choreo import Envelope, EventStore, Runner, StoreError, clock, open_store
 from choreo.operations import list_dead_letters
 from choreo.stores.sqlite import SQLiteStore
 from services import TARGETS, system
@@ -32,13 +35,13 @@ from services.demo import plan
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_planned(store: SQLiteStore, orders: int, seed: int) -> list[tuple[str, object, str, str | None]]:
+def start_planned(store: EventStore, orders: int, seed: int) -> list[tuple[str, object, str, str | None]]:
     planned = plan(orders, seed)
     system.start_many(store, [(order, saga_id) for saga_id, order, _, _ in planned])
     return planned  # type: ignore[return-value]
 
 
-def assert_as_planned(store: SQLiteStore, planned: list[tuple[str, object, str, str | None]]) -> None:
+def assert_as_planned(store: EventStore, planned: list[tuple[str, object, str, str | None]]) -> None:
     facts = read_facts(store, {saga_id for saga_id, *_ in planned})
     wrong = {s: (facts[s].state if s in facts else None, state) for s, _, state, _ in planned
              if s not in facts or facts[s].state != state}
@@ -55,25 +58,54 @@ def wait_until(done: Callable[[], bool], timeout: float = 60.0) -> bool:
     return done()
 
 
-def all_ended(store: SQLiteStore, planned: list[tuple[str, object, str, str | None]]) -> bool:
+def all_ended(store: EventStore, planned: list[tuple[str, object, str, str | None]]) -> bool:
     facts = read_facts(store, {saga_id for saga_id, *_ in planned})
     return len(facts) == len(planned) and all(f.state != "running" for f in facts.values())
 
 
 # -- a commit that fails --------------------------------------------------------------------
-def test_a_lock_held_past_the_timeout_skips_nothing_with_threads(tmp_path: Path) -> None:
-    path = tmp_path / "locked.db"
-    store = open_store(f"sqlite:///{path}?lock_timeout=0.1")
-    assert isinstance(store, SQLiteStore)
+class LockHolder:
+    """Another session that takes and gives back the store's write lock at will: SQLite's
+    (`BEGIN IMMEDIATE`), or the PostgreSQL log's advisory lock, which every append takes."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            self.conn: Any = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
+            self.take_sql = ["BEGIN IMMEDIATE"]
+        else:
+            import psycopg
+
+            from choreo.stores.postgres import LOG_LOCK
+
+            self.conn = psycopg.connect(url, autocommit=True)
+            self.take_sql = ["BEGIN", f"SELECT pg_advisory_xact_lock({LOG_LOCK})"]
+
+    def take(self) -> None:
+        for sql in self.take_sql:
+            self.conn.execute(sql)
+
+    def give(self) -> None:
+        self.conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_a_lock_held_past_the_timeout_skips_nothing_with_threads(
+    durable_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(f"{durable_url}?lock_timeout=0.1")
     planned = start_planned(store, 60, seed=3)
     runner = Runner(system, store, batch_size=7)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    blocker = LockHolder(durable_url)
+    blocker.take()  # another process holds the write lock
+    caplog.set_level(logging.WARNING, logger="choreo")
     runner.start_threads()
     try:
         time.sleep(1.5)  # every service reads its batch, handles it, and fails to commit it
         assert not all_ended(store, planned)
-        blocker.execute("ROLLBACK")
+        assert "StoreLocked" in caplog.text and "0.1s)" in caplog.text  # said, with the timeout
+        blocker.give()
         assert wait_until(lambda: all_ended(store, planned)), "some sagas never ended after the lock was released"
     finally:
         blocker.close()
@@ -82,18 +114,16 @@ def test_a_lock_held_past_the_timeout_skips_nothing_with_threads(tmp_path: Path)
     store.close()
 
 
-def test_a_failed_commit_resumes_from_the_last_committed_position_when_run_by_hand(tmp_path: Path) -> None:
-    path = tmp_path / "by-hand.db"
-    store = open_store(f"sqlite:///{path}?lock_timeout=0.05")
-    assert isinstance(store, SQLiteStore)
+def test_a_failed_commit_resumes_from_the_last_committed_position_when_run_by_hand(durable_url: str) -> None:
+    store = open_store(f"{durable_url}?lock_timeout=0.05")
     planned = start_planned(store, 30, seed=5)
     runner = Runner(system, store, batch_size=5)
-    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker = LockHolder(durable_url)
     failures = 0
     for round_ in range(400):
         hold = round_ % 3 == 0  # a third of the attempts meet a held lock
         if hold:
-            blocker.execute("BEGIN IMMEDIATE")
+            blocker.take()
         try:
             if runner.run_until_idle() == 0 and not hold:
                 break
@@ -101,7 +131,7 @@ def test_a_failed_commit_resumes_from_the_last_committed_position_when_run_by_ha
             failures += 1
         finally:
             if hold:
-                blocker.execute("ROLLBACK")
+                blocker.give()
     blocker.close()
     assert failures > 0
     assert_as_planned(store, planned)
