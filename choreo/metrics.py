@@ -171,7 +171,7 @@ class Probe:
             read = max(getattr(feed, "position", 0) or 0, done)
             return {"log": max(0, store.last_position() - read)}
         ends = self._partition_ends(store)
-        read_next = {f"{tp.topic}:{tp.partition}": n for tp, n in dict(getattr(feed, "_next", {})).items()}
+        read_next: dict[str, int] = getattr(feed, "next_offsets", dict)()  # a Kafka feed's (the upcasting feed forwards it)
         topic = getattr(store, "topic", "")
         return {f"{topic}:{part}": max(0, end - max(positions.get(f"{topic}:{part}", 0),
                                                      read_next.get(f"{topic}:{part}", 0)))

@@ -682,6 +682,10 @@ class _KafkaFeed(Feed):
                 self.joining = False
         return got
 
+    def next_offsets(self) -> dict[str, int]:
+        """The offset of the next record this reader expects, by `TOPIC:PARTITION` (for its lag)."""
+        return {f"{tp.topic}:{tp.partition}": n for tp, n in dict(self._next).items()}
+
     def caught_up(self) -> bool:
         """Whether the reader has read each of its partitions up to the end the broker last reported."""
         assigned = self.consumer.assignment()
